@@ -1,0 +1,84 @@
+"""The local engine: every vertex in one process, one block, plain calls.
+
+It is the correctness reference: the Ray engine in sync mode must reproduce its
+trajectory to 1e-12, and both run the same :class:`~sheafdist.rules.Block` code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..model import MLP
+from ..problem import Problem
+from .base import (
+    MIN_ROUNDS,
+    Observer,
+    RunResult,
+    diverged,
+    divergence_error,
+    divergence_limit,
+)
+
+log = logging.getLogger(__name__)
+
+
+class LocalEngine:
+    name = "local"
+
+    def __init__(self, problem: Problem, observer: Observer | None = None):
+        self.problem = problem
+        self.block = problem.block(list(problem.graph.vertices))
+        self.observer = observer
+        self.rounds = 0
+        self._limit = None
+
+    def run(
+        self, rounds: int, tol: float | None = None, min_rounds: int = MIN_ROUNDS
+    ) -> RunResult:
+        """Take up to ``rounds`` rounds; stop early once the largest change of a
+        free coordinate in one round is below ``tol`` (from ``min_rounds`` on)."""
+        start, block = time.perf_counter(), self.block
+        stats, converged, taken = None, False, 0
+        for taken in range(1, rounds + 1):
+            block.send()
+            stats = block.step({})
+            self.rounds += 1
+            if self._limit is None:
+                self._limit = divergence_limit(stats.energy)
+            if diverged(stats, self._limit):
+                raise divergence_error(self.problem, self.rounds, stats.energy)
+            if self.observer is not None:
+                self.observer(self.rounds, stats)
+            if tol is not None and taken >= min_rounds and stats.max_change < tol:
+                converged = True
+                break
+        log.debug("local run: %d rounds in %.3fs", taken, time.perf_counter() - start)
+        return RunResult(
+            stalks=self.stalks(),
+            model=self.model(),
+            rounds=taken,
+            converged=converged,
+            final_change=stats.max_change if stats else 0.0,
+            energy=stats.energy if stats else 0.0,
+            discord=dict(stats.discord) if stats else {},
+            flips=sum(stats.flips.values()) if stats else 0,
+            seconds=time.perf_counter() - start,
+        )
+
+    def stalks(self):
+        return {v: s.copy() for v, s in self.block.stalks.items()}
+
+    def set_stalks(self, stalks) -> None:
+        for v in self.block.owned:
+            self.block.stalks[v] = stalks[v].copy()
+
+    def model(self) -> MLP:
+        m = self.problem.model.copy()
+        for name, (w, b) in self.block.maps.items():
+            layer = int(name[1:])
+            m.W[layer - 1], m.b[layer - 1] = w.copy(), b.copy()
+        return m
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,218 @@
+"""The feedforward ReLU network: parameters, forward pass, initialisation, files.
+
+A model with architecture ``[n0, n1, ..., nK]`` has K affine layers. Hidden layers
+use ReLU with the paper's convention that ``z = 0`` counts as active; the output
+``phi`` is ``identity``, ``sigmoid`` or ``softmax`` (over axis 0). Arrays are
+``(dim, batch)``, ``W_l`` is ``(n_l, n_{l-1})`` and ``b_l`` is ``(n_l, 1)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+OUTPUTS = ("identity", "sigmoid", "softmax")
+
+
+@dataclass
+class MLP:
+    """Weights ``W[l-1] = W_l`` and biases ``b[l-1] = b_l`` for l = 1..K."""
+
+    W: list[np.ndarray]
+    b: list[np.ndarray]
+    output: str = "identity"
+
+    @property
+    def arch(self) -> list[int]:
+        return [self.W[0].shape[1]] + [w.shape[0] for w in self.W]
+
+    @property
+    def depth(self) -> int:
+        """K, the number of affine layers (k hidden layers plus the output one)."""
+        return len(self.W)
+
+    def copy(self) -> MLP:
+        return MLP([w.copy() for w in self.W], [b.copy() for b in self.b], self.output)
+
+    def params(self) -> dict[str, np.ndarray]:
+        out = {}
+        for layer, (w, b) in enumerate(zip(self.W, self.b, strict=True), start=1):
+            out[f"W{layer}"] = w
+            out[f"b{layer}"] = b
+        return out
+
+
+def relu_mask(z: np.ndarray) -> np.ndarray:
+    """The activation pattern ``1[z >= 0]`` as float (zero counts as active)."""
+    return (z >= 0).astype(z.dtype)
+
+
+def phi(output: str, z: np.ndarray) -> np.ndarray:
+    """The output nonlinearity applied column by column."""
+    if output == "identity":
+        return z
+    if output == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-z))
+    if output == "softmax":
+        e = np.exp(z - z.max(axis=0, keepdims=True))
+        return e / e.sum(axis=0, keepdims=True)
+    raise ValueError(f"unknown output {output!r}")
+
+
+def phi_pullback(output: str, z: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``J_phi(z)^T d``: the adjoint of the output map's Jacobian applied to d."""
+    if output == "identity":
+        return d
+    s = phi(output, z)
+    if output == "sigmoid":
+        return s * (1.0 - s) * d
+    # softmax: J = diag(s) - s s^T is symmetric
+    return s * (d - (s * d).sum(axis=0, keepdims=True))
+
+
+def forward(model: MLP, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every intermediate quantity: ``a0, z1, a1, ..., zK`` and ``a_out`` if any."""
+    state = {"a0": x}
+    a = x
+    for layer, (w, b) in enumerate(zip(model.W, model.b, strict=True), start=1):
+        z = w @ a + b
+        state[f"z{layer}"] = z
+        if layer < model.depth:
+            a = relu_mask(z) * z
+            state[f"a{layer}"] = a
+    if model.output != "identity":
+        state["a_out"] = phi(model.output, state[f"z{model.depth}"])
+    return state
+
+
+def predict(model: MLP, x: np.ndarray) -> np.ndarray:
+    state = forward(model, x)
+    return state.get("a_out", state[f"z{model.depth}"])
+
+
+def he_init(arch: list[int], seed: int | np.random.Generator, output="identity") -> MLP:
+    """He initialisation ``W_l ~ N(0, 2/n_{l-1})`` with zero biases."""
+    rng = np.random.default_rng(seed)
+    W, b = [], []
+    for n_in, n_out in zip(arch[:-1], arch[1:], strict=True):
+        W.append(rng.standard_normal((n_out, n_in)) * np.sqrt(2.0 / n_in))
+        b.append(np.zeros((n_out, 1)))
+    return MLP(W, b, output)
+
+
+def mse(model: MLP, x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean((predict(model, x) - y) ** 2))
+
+
+def loss(model: MLP, x: np.ndarray, y: np.ndarray) -> float:
+    """MSE for identity output, mean cross-entropy (clamped) otherwise."""
+    if model.output == "identity":
+        return mse(model, x, y)
+    p = np.clip(predict(model, x), 1e-12, 1 - 1e-12)
+    if model.output == "sigmoid":
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return float(-np.mean(np.sum(y * np.log(p), axis=0)))
+
+
+# ---------------------------------------------------------------- files
+
+
+def parse_arch(text: str, arg: str = "--arch") -> list[int]:
+    try:
+        arch = [int(t) for t in text.split(",")]
+    except ValueError:
+        arch = []
+    if len(arch) < 2 or min(arch) < 1:
+        raise InputError(
+            arg, text, "give at least two positive layer widths, e.g. 2,30,1"
+        )
+    return arch
+
+
+def check_model(model: MLP, source: str = "model") -> None:
+    """Shapes chain, biases are columns, values are finite."""
+    if model.output not in OUTPUTS:
+        raise InputError(source, f"output={model.output!r}", f"use one of {OUTPUTS}")
+    for layer, (w, b) in enumerate(zip(model.W, model.b, strict=True), start=1):
+        if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+            raise InputError(source, f"W{layer} of shape {w.shape}", "W must be 2-D")
+        if layer > 1 and w.shape[1] != model.W[layer - 2].shape[0]:
+            raise InputError(
+                source,
+                f"W{layer} of shape {w.shape} after W{layer - 1} of shape "
+                f"{model.W[layer - 2].shape}",
+                f"W{layer} needs {model.W[layer - 2].shape[0]} columns",
+            )
+        if b.shape != (w.shape[0], 1):
+            raise InputError(
+                source, f"b{layer} of shape {b.shape}", f"b{layer} must be "
+                f"({w.shape[0]}, 1)"
+            )
+        for name, arr in ((f"W{layer}", w), (f"b{layer}", b)):
+            if not np.all(np.isfinite(arr)):
+                raise InputError(source, f"{name} with NaN or inf", "fix the file")
+
+
+def load_npz(path: str, arg: str) -> dict[str, np.ndarray]:
+    """Open an ``.npz`` without pickle, turning every failure into an InputError."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise InputError(arg, path, "no such file") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(arg, path, f"not a readable .npz file ({exc})") from None
+
+
+def load_model(path: str, arg: str = "--model") -> MLP:
+    data = load_npz(path, arg)
+    output = "identity"
+    if "output" in data:
+        output = str(data["output"])
+    K = 0
+    while f"W{K + 1}" in data:
+        K += 1
+    if K == 0:
+        raise InputError(arg, f"{path} with keys {sorted(data)}", "it needs W1..WK")
+    W, b = [], []
+    for layer in range(1, K + 1):
+        if f"b{layer}" not in data:
+            raise InputError(arg, f"{path} without b{layer}", f"add b{layer}")
+        w_l = np.asarray(data[f"W{layer}"], dtype=np.float64)
+        b_l = np.asarray(data[f"b{layer}"], dtype=np.float64)
+        if b_l.ndim == 1:
+            b_l = b_l.reshape(-1, 1)
+        W.append(w_l)
+        b.append(b_l)
+    model = MLP(W, b, output)
+    check_model(model, f"{arg} {path}")
+    return model
+
+
+def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write an ``.npz`` to a temporary file and rename it over ``path``.
+
+    A crash half-way leaves the previous file untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: MLP, path: str) -> None:
+    atomic_savez(path, {**model.params(), "output": np.array(model.output)})

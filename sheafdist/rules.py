@@ -47,6 +47,18 @@ class RoundStats:
     flips: dict[str, int] = field(default_factory=dict)  # per ReLU edge
     update_norm: dict[str, float] = field(default_factory=dict)  # per affine edge
 
+
+# messages and bytes per (edge, direction, transport): direction is "forward"
+# (tail to head) or "backward"; transport is "local" (a call inside one process)
+# or "remote" (a message between actors)
+Traffic = dict[tuple[str, str, str], list[int]]
+
+
+def add_traffic(total: Traffic, key: tuple[str, str, str], count: int, nbytes: int):
+    entry = total.setdefault(key, [0, 0])
+    entry[0] += count
+    entry[1] += nbytes
+
     @property
     def energy(self) -> float:
         """``1/2 sum_e discord_e``: the Dirichlet energy per sample."""

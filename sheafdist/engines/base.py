@@ -10,13 +10,17 @@ import numpy as np
 from ..errors import DivergenceError
 from ..model import MLP
 from ..problem import Problem
-from ..rules import RoundStats
+from ..rules import RoundStats, Traffic
 from ..sheaf import stable_step
 
 MIN_ROUNDS = 5  # the tolerance rule is checked from this round on
 ENERGY_GROWTH = 1e8  # energy above (E0 + 1) times this counts as divergence
 
-Observer = Callable[[int, RoundStats], None]
+REPORT_SECONDS = 0.5  # how often an engine hands statistics to its observer
+
+# called with the round count, the latest round's statistics and the traffic since
+# the previous call; engines call it at most every REPORT_SECONDS and at the end
+Observer = Callable[[int, RoundStats, Traffic], None]
 
 
 @dataclass

@@ -11,8 +11,10 @@ import time
 
 from ..model import MLP
 from ..problem import Problem
+from ..rules import Traffic, add_traffic
 from .base import (
     MIN_ROUNDS,
+    REPORT_SECONDS,
     Observer,
     RunResult,
     diverged,
@@ -32,6 +34,8 @@ class LocalEngine:
         self.observer = observer
         self.rounds = 0
         self._limit = None
+        self._reported = 0  # the round of the last report to the observer
+        self._next_report = 0.0
 
     def run(
         self, rounds: int, tol: float | None = None, min_rounds: int = MIN_ROUNDS
@@ -48,11 +52,13 @@ class LocalEngine:
                 self._limit = divergence_limit(stats.energy)
             if diverged(stats, self._limit):
                 raise divergence_error(self.problem, self.rounds, stats.energy)
-            if self.observer is not None:
-                self.observer(self.rounds, stats)
+            if self.observer is not None and time.monotonic() >= self._next_report:
+                self._report(stats)
             if tol is not None and taken >= min_rounds and stats.max_change < tol:
                 converged = True
                 break
+        if self.observer is not None and stats is not None:
+            self._report(stats)
         log.debug("local run: %d rounds in %.3fs", taken, time.perf_counter() - start)
         return RunResult(
             stalks=self.stalks(),
@@ -65,6 +71,18 @@ class LocalEngine:
             flips=sum(stats.flips.values()) if stats else 0,
             seconds=time.perf_counter() - start,
         )
+
+    def _report(self, stats) -> None:
+        """Every round sends the same messages, so traffic is a per-round table
+        times the rounds since the last report."""
+        rounds = self.rounds - self._reported
+        traffic: Traffic = {}
+        for (edge, vertex), value in self.block._sent.items():
+            direction = "forward" if vertex == self.block.edges[edge].tail else "backward"
+            add_traffic(traffic, (edge, direction, "local"), rounds, rounds * value.nbytes)
+        self._reported = self.rounds
+        self._next_report = time.monotonic() + REPORT_SECONDS
+        self.observer(self.rounds, stats, traffic)
 
     def stalks(self):
         return {v: s.copy() for v, s in self.block.stalks.items()}

@@ -48,6 +48,12 @@ class RoundStats:
     update_norm: dict[str, float] = field(default_factory=dict)  # per affine edge
 
 
+    @property
+    def energy(self) -> float:
+        """``1/2 sum_e discord_e``: the Dirichlet energy per sample."""
+        return 0.5 * sum(self.discord.values())
+
+
 # messages and bytes per (edge, direction, transport): direction is "forward"
 # (tail to head) or "backward"; transport is "local" (a call inside one process)
 # or "remote" (a message between actors)
@@ -58,11 +64,6 @@ def add_traffic(total: Traffic, key: tuple[str, str, str], count: int, nbytes: i
     entry = total.setdefault(key, [0, 0])
     entry[0] += count
     entry[1] += nbytes
-
-    @property
-    def energy(self) -> float:
-        """``1/2 sum_e discord_e``: the Dirichlet energy per sample."""
-        return 0.5 * sum(self.discord.values())
 
 
 class Block:

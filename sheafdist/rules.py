@@ -125,8 +125,8 @@ class Block:
 
     def send(self) -> dict[tuple[str, str], np.ndarray]:
         """Edge values of every owned vertex, keyed by ``(edge, vertex)``."""
-        for v, m in self._masks.items():
-            m[...] = self.stalks[v] >= 0
+        for v in self._masks:
+            self._masks[v] = relu_mask(self.stalks[v])
         self._sent = {
             (e.name, v): self.edge_value(e, v) for v in self.owned for e in self.incident[v]
         }

@@ -1,0 +1,808 @@
+"""The ``sheafdist`` command: ``infer`` and ``train``.
+
+Results go to stdout (one JSON object with ``--json``); progress, logs and errors
+go to stderr. Exit codes: 0 success, 1 a run that failed (it diverged, or it did
+not converge when the tolerance rule was in force), 2 bad usage or bad input.
+Every error a user can cause is one line, ``sheafdist: error: <arg>: got ...;
+<fix>``, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .errors import InputError, SheafdistError
+from .model import MLP, check_model, load_model, load_npz, parse_arch, predict
+from .problem import INITS, check_input
+
+log = logging.getLogger("sheafdist")
+
+# ---------------------------------------------------------------- defaults
+
+DEFAULT_INFER_ENGINE = "local"  # inference of one small input is fastest in-process
+DEFAULT_TRAIN_ENGINE = "ray"  # training is the distributed showcase
+DEFAULT_TOL, DEFAULT_MAX_STEPS = 1e-9, 100_000  # paper.md 3.5, [CODE] defaults
+# the default `sheafdist train`: a few minutes on 2 cores with Ray; --full runs the
+# paper's protocol (100 epochs x 1000 steps for 1H, 200 x 1000 for 2H)
+DEFAULT_EPOCHS = 20
+STALK_SEED_OFFSET = 42  # the paper's stalk seed is 42 for weight seed 0
+DEFAULT_DATA_SEED = 42  # the paper's data seed
+PROGRESS_SECONDS = 1.0  # inference progress lines at most this often
+PLOT_NAME = "loss.png"
+
+# paper.md 7.3, [NB]: the authors' torch run of the paraboloid [2,30,1], weight seed
+# 0, stalk seed 42, beta 1/300, dt 0.005 (their data draw, not ours)
+PAPER_SHEAF_TRAIN = {10_000: 0.5293, 20_000: 0.2310, 30_000: 0.1341,
+                     50_000: 0.0841, 100_000: 0.0631}
+PAPER_SHEAF_TEST = {100_000: 0.0865}
+PAPER_SGD_TRAIN = {10_000: 0.0294, 20_000: 0.0087, 100_000: 0.00329}
+
+
+# ---------------------------------------------------------------- argument types
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line and exit with 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}; see {self.prog} "
+                     "--help\n")
+
+
+def _number(kind: type, test: Callable[[float], bool], need: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}; give {need}") from None
+        if not math.isfinite(value) or not test(value):
+            raise argparse.ArgumentTypeError(f"got {text}; give {need}")
+        return value
+
+    parse.__name__ = need  # argparse names the type in some messages
+    return parse
+
+
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+seed_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+
+
+def port_int(text: str) -> int:
+    return _number(int, lambda v: 0 <= v < 65536, "a port from 0 to 65535 (0 picks "
+                   "a free one)")(text)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="sheafdist",
+        description="A ReLU network as a cellular sheaf, run by message passing.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    infer = sub.add_parser(
+        "infer", help="relax the sheaf to its harmonic extension (the forward pass)",
+        description="Run the sheaf heat equation from an initial state until the "
+        "largest change of a round is below --tol (or for --steps rounds).",
+    )
+    infer.add_argument("--model", required=True, metavar="M.npz",
+                       help="model file: W1..WK, b1..bK and output")
+    infer.add_argument("--input", required=True, metavar="X.npy",
+                       help="input of shape (n0, batch)")
+    infer.add_argument("--init", default="random", metavar="forward|random|zeros|S.npz",
+                       help="initial stalks (default random)")
+    infer.add_argument("--seed", type=seed_int, default=0,
+                       help="seed of the random initial stalks (default 0)")
+    infer.add_argument("--steps", type=positive_int,
+                       help="take exactly N rounds (instead of --tol)")
+    infer.add_argument("--tol", type=positive_float,
+                       help=f"stop when the largest change of a round is below T "
+                       f"(default {DEFAULT_TOL:g})")
+    infer.add_argument("--max-steps", type=positive_int,
+                       help=f"give up after N rounds (default {DEFAULT_MAX_STEPS}); "
+                       "not converging then exits with 1")
+    infer.add_argument("--dt", type=positive_float, default=0.01,
+                       help="Euler step (default 0.01)")
+    infer.add_argument("--alpha", type=positive_float, default=1.0,
+                       help="diffusion rate (default 1)")
+    infer.add_argument("--pin", action="append", default=[], metavar="SPEC",
+                       help='hard pin, e.g. "z1[0]=0.5" (repeatable)')
+    infer.add_argument("--soft-pin", action="append", default=[], metavar="SPEC",
+                       help='soft pin target@gamma, e.g. "z1=0@10" (repeatable)')
+    infer.add_argument("--output-edge", choices=("jacobian", "identity"),
+                       default="jacobian",
+                       help="restriction of a nonlinear output edge (default jacobian)")
+    _engine_options(infer, DEFAULT_INFER_ENGINE)
+    infer.add_argument("--metrics-port", type=port_int, metavar="P",
+                       help="serve Prometheus metrics on 127.0.0.1:P (0: a free port)")
+    infer.add_argument("--out", metavar="STATE.npz", help="write the final state")
+    infer.add_argument("--json", action="store_true",
+                       help="print one JSON object on stdout")
+    _common(infer)
+    infer.set_defaults(func=cmd_infer)
+
+    train = sub.add_parser(
+        "train", help="train without backpropagation, against an SGD baseline",
+        description="Joint stalk and weight flow (paper.md section 5) in epochs, "
+        "with checkpoints, a loss plot and a full-batch SGD baseline.",
+    )
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--task", choices=("paraboloid", "saddle", "circular", "blobs"),
+                        help="a synthetic task of the paper (default paraboloid)")
+    source.add_argument("--data", metavar="TRAIN.npz",
+                        help="X_train (n0, n), Y_train (nK, n), maybe X_test, Y_test")
+    train.add_argument("--arch", help="layer widths, e.g. 2,30,1 (default: the "
+                       "task's one-hidden-layer network; [n0,30,nK] with --data)")
+    train.add_argument("--output", choices=("identity", "sigmoid", "softmax"),
+                       help="output nonlinearity (default: the task's, identity with "
+                       "--data)")
+    train.add_argument("--model", metavar="INIT.npz",
+                       help="start from these weights instead of He initialisation")
+    train.add_argument("--init", metavar="random|forward|S.npz",
+                       help="initial stalks (default: the task's, random for "
+                       "regression, forward for classification)")
+    train.add_argument("--warm-start", action=argparse.BooleanOptionalAction,
+                       help="carry the stalks across epochs (default: the task's; "
+                       "otherwise each epoch restarts at the forward pass)")
+    train.add_argument("--epochs", type=positive_int,
+                       help=f"epochs (default {DEFAULT_EPOCHS}; --full: the paper's)")
+    train.add_argument("--steps-per-epoch", type=positive_int,
+                       help="rounds per epoch (default: the task's, 1000)")
+    train.add_argument("--full", action="store_true",
+                       help="the paper's full protocol: 100 x 1000 steps for one "
+                       "hidden layer, 200 x 1000 for two")
+    train.add_argument("--dt", type=positive_float,
+                       help="Euler step (default: the task's, 0.005 for 1H)")
+    train.add_argument("--alpha", type=positive_float, help="stalk rate (default 1)")
+    train.add_argument("--beta", type=positive_float,
+                       help="weight rate (default 1/n_train)")
+    train.add_argument("--baseline", choices=("sgd", "none"), default="sgd",
+                       help="full-batch gradient descent from the same weights for "
+                       "the same number of steps (default sgd)")
+    train.add_argument("--sgd-lr", type=positive_float,
+                       help="SGD learning rate (default: the task's)")
+    train.add_argument("--seed", type=seed_int, default=0,
+                       help=f"weight seed (default 0); the stalk seed is seed + "
+                       f"{STALK_SEED_OFFSET}")
+    train.add_argument("--data-seed", type=seed_int, default=DEFAULT_DATA_SEED,
+                       help=f"seed of the task's data (default {DEFAULT_DATA_SEED})")
+    train.add_argument("--n-train", type=positive_int, default=300,
+                       help="training examples drawn for --task (default 300)")
+    train.add_argument("--n-test", type=nonnegative_int, default=100,
+                       help="test examples drawn for --task (default 100)")
+    _engine_options(train, DEFAULT_TRAIN_ENGINE)
+    keep = train.add_mutually_exclusive_group()
+    keep.add_argument("--checkpoint", metavar="DIR",
+                      help="folder for the checkpoint, the latest model.npz and "
+                      "loss.png (default runs/<task>-<timestamp>)")
+    keep.add_argument("--no-checkpoint", action="store_true",
+                      help="write no checkpoint, plot or model file")
+    train.add_argument("--out", metavar="MODEL.npz", help="write the trained weights")
+    train.add_argument("--metrics-port", type=port_int, metavar="P",
+                       help="serve Prometheus metrics on 127.0.0.1:P (0: a free port)")
+    train.add_argument("--json", action="store_true",
+                       help="print one JSON object on stdout")
+    _common(train)
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def _engine_options(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--engine", choices=("local", "ray"), default=default,
+                   help=f"where the vertices run (default {default})")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else an "
+                   "embedded local Ray)")
+    p.add_argument("--partition", default="layer",
+                   help="vertices per actor: vertex, layer, blocks:N or single "
+                   "(default layer)")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="round discipline of the Ray engine (default sync)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   help="progress on stderr (default: on for train; for infer, on "
+                   "when stderr is a terminal)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        _error(str(exc))
+        return 2
+    except SheafdistError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # a failure of ours or of the environment (Ray)
+        if args.verbose:
+            log.exception("unexpected failure")
+        _error(f"{type(exc).__name__}: {exc} (this is not a usage error; run again "
+               "with -v for the traceback)")
+        return 1
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _error(message: str) -> None:
+    print(f"sheafdist: error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging(verbose: bool) -> None:
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("sheafdist: %(levelname)s "
+                                               "%(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _json_safe(value):
+    """Non-finite floats become null, so the output is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _print_json(obj: dict) -> None:
+    print(json.dumps(_json_safe(obj), allow_nan=False), flush=True)
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def _check_mode(args) -> None:
+    if args.mode == "async":
+        raise InputError("--mode", "'async'", "asynchronous mode is not implemented "
+                         "yet; use --mode sync")
+
+
+def _engine_options_of(args) -> dict:
+    if args.engine != "ray":
+        return {}
+    return {"partition": args.partition, "mode": args.mode, "address": args.address}
+
+
+def _check_partition(graph, spec: str) -> None:
+    from .partition import partition
+
+    partition(graph, spec)  # raises an InputError naming --partition
+
+
+def _actor_count(engine) -> int:
+    actors = getattr(engine, "actors", 0)
+    return actors if isinstance(actors, int) else len(actors)
+
+
+def _load_input(path: str) -> np.ndarray:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError("--input", path, "no such file") from None
+    except (OSError, ValueError, EOFError) as exc:
+        reason = one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        if "pickle" in reason:
+            reason = "pickled or unrecognised content, never unpickled"
+        raise InputError("--input", f"{path} ({reason})",
+                         "give a .npy array of shape (n0, batch) (np.save)") from None
+    if not isinstance(x, np.ndarray):
+        x.close()
+        raise InputError("--input", f"{path}, an .npz archive",
+                         "give one .npy array of shape (n0, batch) (np.save)")
+    return x
+
+
+def _load_model(path: str, arg: str = "--model") -> MLP:
+    """``load_model``, plus: every layer up to the highest numbered ``W``/``b`` in
+    the file must be there (a file with ``b2`` but no ``W2`` is not a 1-layer net)."""
+    model = load_model(path, arg)
+    layers = [int(k[1:]) for k in load_npz(path, arg)
+              if k[:1] in "Wb" and k[1:].isdigit()]
+    if max(layers, default=0) > model.depth:
+        missing = model.depth + 1
+        raise InputError(arg, f"{path} without W{missing}, which a later key needs",
+                         f"add W{missing} of shape (n{missing}, n{missing - 1})")
+    return model
+
+
+def _load_init(text: str, arg: str = "--init") -> str | dict[str, np.ndarray]:
+    if text in INITS:
+        return text
+    if not os.path.exists(text) and not text.endswith(".npz"):
+        raise InputError(arg, repr(text), f"use one of {', '.join(INITS)} or a "
+                         "state .npz file")
+    return load_npz(text, arg)
+
+
+def _stable_bound(model: MLP, x: np.ndarray, extra: float = 0.0) -> float:
+    """The largest stable ``alpha*dt``: ``2 / (lambda_max + extra)``.
+
+    ``lambda_max`` is that of ``L[Omega,Omega]`` at the forward patterns of a few
+    inputs (paper.md 3.5); ``extra`` bounds what the pins or the label add to it.
+    """
+    from .sheaf import stable_step
+
+    lam = 2.0 / stable_step(model, x, 1.0)
+    return 2.0 / (lam + extra)
+
+
+def _check_stable(alpha: float, dt: float, bound: float) -> None:
+    if alpha * dt >= bound:
+        raise InputError(
+            "--dt", f"{dt:g} with --alpha {alpha:g}",
+            f"the scheme is stable only for alpha*dt < 2/lambda_max = {bound:.4g} "
+            f"(paper.md 3.5); use --dt below {bound / alpha:.4g}",
+        )
+
+
+def _metrics(args, graph, run: dict, training: bool):
+    """A served RunMetrics when --metrics-port is given, else None."""
+    if args.metrics_port is None:
+        return None
+    from .metrics import RunMetrics
+
+    metrics = RunMetrics(graph, run=run, training_output=training)
+    try:
+        port = metrics.serve(args.metrics_port)
+    except BaseException:
+        metrics.close()
+        raise
+    _say(f"metrics: http://127.0.0.1:{port}/metrics")
+    return metrics
+
+
+class _Progress:
+    """Engine observer that prints a line at most every PROGRESS_SECONDS."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.next = label, total, 0.0
+
+    def __call__(self, rounds, stats, traffic) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + PROGRESS_SECONDS
+        _say(f"{self.label}: round {rounds}/{self.total}  change "
+             f"{stats.max_change:.3g}  energy {stats.energy:.3g}")
+
+
+def _observers(*observers):
+    active = [o for o in observers if o is not None]
+    if not active:
+        return None
+    if len(active) == 1:
+        return active[0]
+
+    def observe(rounds, stats, traffic):
+        for o in active:
+            o(rounds, stats, traffic)
+
+    return observe
+
+
+# ---------------------------------------------------------------- infer
+
+
+def cmd_infer(args) -> int:
+    from .engines import make_engine
+    from .model import atomic_savez
+    from .pins import parse_pin
+    from .problem import inference_problem
+    from .rules import Config
+    from .sheaf import build_graph
+
+    _check_mode(args)
+    if args.steps is not None and (args.tol is not None or args.max_steps is not None):
+        raise InputError("--steps", args.steps, "give either --steps N or --tol T "
+                         "--max-steps N, not both")
+    tol = None if args.steps is not None else (args.tol or DEFAULT_TOL)
+    rounds = args.steps or args.max_steps or DEFAULT_MAX_STEPS
+
+    model = _load_model(args.model, "--model")
+    x = check_input(model, _load_input(args.input), "--input")
+    graph = build_graph(model.arch, model.output)
+    hard = [parse_pin(p, graph) for p in args.pin]
+    soft = [parse_pin(p, graph, soft=True) for p in args.soft_pin]
+    init = _load_init(args.init)
+    _check_partition(graph, args.partition)
+    gamma = max((p.gamma for p in soft), default=0.0)
+    _check_stable(args.alpha, args.dt, _stable_bound(model, x, gamma))
+
+    config = Config(alpha=args.alpha, dt=args.dt, beta=0.0,
+                    output_edge=args.output_edge)
+    problem = inference_problem(model, x, config, init, args.seed, hard, soft)
+    progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    metrics = _metrics(args, graph, {"command": "infer", "engine": args.engine,
+                                     "partition": args.partition,
+                                     "arch": ",".join(map(str, model.arch))}, False)
+    observer = _observers(
+        metrics.observe if metrics else None,
+        _Progress("infer", rounds) if progress else None,
+    )
+    start = time.perf_counter()
+    try:
+        engine = make_engine(args.engine, problem, observer=observer,
+                             **_engine_options_of(args))
+        try:
+            if metrics is not None:
+                metrics.set_actors(_actor_count(engine))
+            result = engine.run(rounds, tol)
+        finally:
+            engine.close()
+    finally:
+        if metrics is not None:
+            metrics.close()
+    total = time.perf_counter() - start
+
+    stalks = result.stalks
+    output = stalks.get("a_out", stalks[graph.last])
+    forward_output = predict(model, x)
+    error = float(np.max(np.abs(output - forward_output)))
+    if args.out:
+        atomic_savez(args.out, stalks)
+    report = {
+        "iterations": result.rounds,
+        "converged": result.converged if tol is not None else None,
+        "final_change": result.final_change,
+        "tol": tol,
+        "output": output,
+        "forward_output": forward_output,
+        "error": error,
+        "discord": result.discord,
+        "energy": result.energy,
+        "flips": result.flips,
+        "seconds": result.seconds,
+        "total_seconds": total,
+        "engine": args.engine,
+    }
+    if args.engine == "ray":
+        report |= {"partition": args.partition, "mode": args.mode}
+    if args.json:
+        _print_json(report)
+    else:
+        _print_infer(report)
+    if tol is not None and not result.converged:
+        _error(f"--max-steps: not converged within {rounds} steps (the last change "
+               f"was {result.final_change:.3g}, above --tol {tol:g}); raise "
+               "--max-steps or loosen --tol")
+        return 1
+    return 0
+
+
+def _print_infer(r: dict) -> None:
+    if r["tol"] is None:
+        status = f"took {r['iterations']} steps"
+    else:
+        status = f"converged in {r['iterations']} steps" if r["converged"] \
+            else f"not converged after {r['iterations']} steps"
+    print(f"{status} (last change {r['final_change']:.3g}, {r['seconds']:.3f}s on "
+          f"{r['engine']})")
+    rows = (("output:      ", "output"), ("forward pass:", "forward_output"))
+    for label, key in rows:
+        text = np.array2string(np.asarray(r[key]), precision=10, threshold=24,
+                               max_line_width=88, prefix=label + " ")
+        print(f"{label} {text}")
+    print(f"max |output - forward pass|: {r['error']:.3g}")
+    print(f"energy {r['energy']:.3g}; discord " + ", ".join(
+        f"{e} {d:.3g}" for e, d in r["discord"].items()))
+
+
+# ---------------------------------------------------------------- train
+
+
+def cmd_train(args) -> int:
+    from .model import he_init, save_model
+    from .problem import initial_stalks
+    from .rules import Config
+    from .sgd import sgd_train
+    from .sheaf import build_graph
+    from .tasks import TASKS, load_data, make_task
+    from .training import train_sheaf
+
+    _check_mode(args)
+    task_name = args.task or (None if args.data else "paraboloid")
+    task = TASKS[task_name] if task_name else None
+
+    # data
+    if task is not None:
+        if args.output is not None and args.output != task.output:
+            raise InputError("--output", args.output, f"the {task_name} task is made "
+                             f"for --output {task.output}; use --data for other labels")
+        data = make_task(task_name, args.data_seed, args.n_train, args.n_test)
+    else:
+        data = load_data(args.data, args.output or "identity")
+    n_in, n_out, n_train = data.X_train.shape[0], data.Y_train.shape[0], \
+        data.X_train.shape[1]
+    output = args.output or data.output
+
+    # model
+    if args.model:
+        model = _load_model(args.model, "--model")
+        if args.arch and parse_arch(args.arch) != model.arch:
+            raise InputError("--arch", args.arch, f"the --model file is "
+                             f"{','.join(map(str, model.arch))}; drop one of them")
+        if args.output and args.output != model.output:
+            raise InputError("--output", args.output, f"the --model file says "
+                             f"{model.output}; drop one of them")
+        output = model.output
+        arch = model.arch
+    else:
+        if args.arch:
+            arch = parse_arch(args.arch)
+        elif task is not None:
+            arch = list(task.arch_1h)
+        else:
+            arch = [n_in, 30, n_out]
+        model = he_init(arch, args.seed, output)
+    check_model(model, "--model" if args.model else "--arch")
+    if arch[0] != n_in or arch[-1] != n_out:
+        raise InputError(
+            "--model" if args.model else "--arch", ",".join(map(str, arch)),
+            f"the data has {n_in} inputs and {n_out} outputs, so the network must "
+            f"be {n_in},...,{n_out}",
+        )
+
+    # schedule and rates
+    two_hidden = len(arch) > 3
+    full_epochs = task.epochs_2h if (task and two_hidden) else (
+        task.epochs_1h if task else 100)
+    epochs = args.epochs or (full_epochs if args.full else DEFAULT_EPOCHS)
+    steps_per_epoch = args.steps_per_epoch or (task.steps_per_epoch if task else 1000)
+    dt = args.dt or ((task.dt_2h if two_hidden else task.dt_1h) if task
+                     else (0.01 if two_hidden else 0.005))
+    alpha = args.alpha or (task.alpha if task else 1.0)
+    beta = args.beta or 1.0 / n_train
+    sgd_lr = args.sgd_lr or (task.sgd_lr if task else
+                             (0.005 if output == "identity" else 0.01))
+    init_text = args.init or (task.init if task else "random")
+    warm_start = args.warm_start if args.warm_start is not None else (
+        task.warm_start if task else init_text != "forward")
+    init = _load_init(init_text)
+    config = Config(alpha=alpha, dt=dt, beta=beta)
+
+    # checks before anything runs
+    identity = MLP(model.W, model.b, "identity")
+    _check_stable(alpha, dt, _stable_bound(identity, data.X_train, 1.0))
+    graph = build_graph(arch, "identity")
+    _check_partition(graph, args.partition)
+    if isinstance(init, dict):  # a state file: its shapes, before anything runs
+        initial_stalks(model, graph, data.X_train, init)
+
+    name = task_name or os.path.splitext(os.path.basename(args.data))[0]
+    folder = None
+    if not args.no_checkpoint:
+        folder = args.checkpoint or _default_run_dir(name)
+    steps = epochs * steps_per_epoch
+    progress = args.progress if args.progress is not None else True
+    say = _say if progress else None
+    run_info = {"task": name, "engine": args.engine, "partition": args.partition,
+                "arch": ",".join(map(str, arch)), "output": output}
+    metrics = _metrics(args, graph, {"command": "train", **run_info}, True)
+    if say:
+        say(f"train: {name} [{','.join(map(str, arch))}] {output}, {epochs} epochs x "
+            f"{steps_per_epoch} steps, dt {dt:g}, alpha {alpha:g}, beta {beta:.4g}, "
+            f"engine {args.engine}" + (f", checkpoints in {folder}" if folder else ""))
+
+    def on_start(engine) -> None:
+        if metrics is not None:
+            metrics.set_actors(_actor_count(engine))
+
+    def on_epoch(rec, current) -> None:
+        if metrics is not None:
+            metrics.set_loss("sheaf", "train", rec.train_loss)
+            if not math.isnan(rec.test_loss):
+                metrics.set_loss("sheaf", "test", rec.test_loss)
+
+    start = time.perf_counter()
+    try:
+        try:
+            sheaf = train_sheaf(
+                model, data, config, epochs, steps_per_epoch, engine=args.engine,
+                engine_options=_engine_options_of(args), init=init,
+                seed=args.seed + STALK_SEED_OFFSET, warm_start=warm_start,
+                observer=metrics.observe if metrics else None, on_epoch=on_epoch,
+                on_start=on_start, checkpoint_dir=folder, progress=say,
+                run_info={"task": name, "seed": args.seed, "sgd_lr": sgd_lr},
+            )
+        except (SheafdistError, KeyboardInterrupt):
+            if folder and os.path.exists(os.path.join(folder, "checkpoint.npz")):
+                _say(f"train: the last complete epoch is in {folder}/checkpoint.npz")
+            raise
+
+        sgd = None
+        if args.baseline == "sgd":
+            if say:
+                say(f"baseline: SGD, {steps} full-batch steps, lr {sgd_lr:g}")
+            sgd_start = time.perf_counter()
+
+            def on_sgd(step, m, train, test) -> None:
+                if metrics is not None:
+                    metrics.set_loss("sgd", "train", train)
+                    if not math.isnan(test):
+                        metrics.set_loss("sgd", "test", test)
+
+            sgd_model, sgd_history = sgd_train(
+                model, data.X_train, data.Y_train, sgd_lr, steps, steps_per_epoch,
+                data.X_test, data.Y_test, callback=on_sgd,
+            )
+            sgd = {"history": sgd_history, "seconds": time.perf_counter() - sgd_start,
+                   "model": sgd_model}
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+    plot = model_path = None
+    if folder:
+        from .plots import loss_plot
+
+        plot = loss_plot(
+            sheaf.history, sgd["history"] if sgd else None,
+            os.path.join(folder, PLOT_NAME),
+            f"{name} [{','.join(map(str, arch))}]: sheaf vs SGD",
+        )
+        model_path = os.path.join(folder, "model.npz")
+    if args.out:
+        save_model(sheaf.model, args.out)
+
+    paper = None
+    if task_name == "paraboloid" and _paper_protocol(arch, output, dt, alpha, beta,
+                                                     n_train, sgd_lr, init_text,
+                                                     warm_start, args):
+        paper = _paper_reference(steps)
+    report = {
+        "task": name, "arch": arch, "output": output, "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch, "steps": steps, "dt": dt,
+        "alpha": alpha, "beta": beta, "seed": args.seed, "engine": args.engine,
+        "sheaf": {
+            "train_loss": sheaf.history["train_loss"][-1],
+            "test_loss": sheaf.history["test_loss"][-1],
+            "history": sheaf.history,
+            "rounds": sheaf.rounds,
+            "seconds": sheaf.seconds,
+            "rounds_per_second": sheaf.rounds_per_second,
+        },
+        "sgd": None if sgd is None else {
+            "train_loss": sgd["history"]["train_loss"][-1],
+            "test_loss": sgd["history"]["test_loss"][-1],
+            "lr": sgd_lr, "history": sgd["history"], "seconds": sgd["seconds"],
+        },
+        "paper": paper,
+        "checkpoint": os.path.join(folder, "checkpoint.npz") if folder else None,
+        "plot": plot,
+        "model": model_path,
+        "out": args.out,
+        "seconds": time.perf_counter() - start,
+    }
+    if args.json:
+        _print_json(report)
+    lines = _train_summary(report)
+    for line in lines:
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+    return 0
+
+
+def _default_run_dir(name: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, n = os.path.join("runs", f"{name}-{stamp}"), 1
+    while os.path.exists(folder):
+        n += 1
+        folder = os.path.join("runs", f"{name}-{stamp}-{n}")
+    return folder
+
+
+def _paper_protocol(arch, output, dt, alpha, beta, n_train, sgd_lr, init, warm,
+                    args) -> bool:
+    """Whether the run follows the protocol of the paper's reference numbers."""
+    return (list(arch) == [2, 30, 1] and output == "identity" and dt == 0.005
+            and alpha == 1.0 and math.isclose(beta * n_train, 1.0) and n_train == 300
+            and sgd_lr == 0.005 and init == "random" and warm and not args.model)
+
+
+def _paper_reference(steps: int) -> dict:
+    """The paper's numbers at this run's step count (if it has them) and at the
+    end of its 100,000-step protocol."""
+    points = []
+    for at in sorted({steps, 100_000}):
+        if at in PAPER_SHEAF_TRAIN:
+            points.append({
+                "steps": at,
+                "sheaf_train": PAPER_SHEAF_TRAIN[at],
+                "sheaf_test": PAPER_SHEAF_TEST.get(at),
+                "sgd_train": PAPER_SGD_TRAIN.get(at),
+            })
+    return {
+        "points": points,
+        "source": "paper.md 7.3: the authors' torch run ([NB]), weight seed 0, "
+                  "stalk seed 42, their own data draw",
+    }
+
+
+def _loss_text(train, test) -> str:
+    text = f"train {train:.4g}"
+    if test is not None and not math.isnan(test):
+        text += f"  test {test:.4g}"
+    return text
+
+
+def _train_summary(r: dict) -> list[str]:
+    s = r["sheaf"]
+    lines = [
+        f"sheaf: {_loss_text(s['train_loss'], s['test_loss'])}  after {r['steps']} "
+        f"steps ({s['seconds']:.1f}s, {s['rounds_per_second']:.0f} rounds/s on "
+        f"{r['engine']})",
+    ]
+    if r["sgd"]:
+        g = r["sgd"]
+        lines.append(
+            f"SGD:   {_loss_text(g['train_loss'], g['test_loss'])}  after "
+            f"{r['steps']} steps (lr {g['lr']:g}, {g['seconds']:.1f}s)"
+        )
+    for p in (r["paper"] or {}).get("points", []):
+        parts = [f"sheaf train {p['sheaf_train']}"]
+        if p["sheaf_test"] is not None:
+            parts.append(f"sheaf test {p['sheaf_test']}")
+        if p["sgd_train"] is not None:
+            parts.append(f"SGD train {p['sgd_train']}")
+        lines.append(f"paper's numbers after {p['steps']} steps (paper.md 7.3, the "
+                     f"authors' run on their data draw): {', '.join(parts)}")
+    if r["checkpoint"]:
+        lines.append(f"checkpoint: {r['checkpoint']}")
+        lines.append(f"model: {r['model']}")
+        lines.append(f"plot: {r['plot']}")
+    if r["out"]:
+        lines.append(f"out: {r['out']}")
+    return lines

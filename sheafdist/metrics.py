@@ -1,0 +1,315 @@
+"""Per-edge Prometheus metrics of one run, and the ``/metrics`` endpoint.
+
+:class:`RunMetrics` is an engine observer: the engine calls it about every
+``REPORT_SECONDS`` with the cumulative round count, the latest round's
+:class:`~sheafdist.rules.RoundStats` and the :class:`~sheafdist.rules.Traffic`
+since the previous call. It writes into its own ``CollectorRegistry`` (a fresh one
+unless given), never into the global one.
+
+Every per-edge series carries exactly the labels ``edge``, ``kind`` and ``layer``
+(plus ``direction`` and ``transport`` on the traffic counters). All of them are
+created up front for every edge of the graph, so the first scrape already shows
+every edge, and their number depends only on the depth of the network: no label
+ever holds a neuron, a sample or a message id.
+
+A value that is not finite is never written: the update is skipped and a warning
+is logged once per series.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import re
+import threading
+import time
+from types import TracebackType
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Info,
+    start_http_server,
+)
+
+from .errors import InputError
+from .rules import RoundStats, Traffic
+from .sheaf import Edge, SheafGraph
+
+log = logging.getLogger(__name__)
+
+EDGE_LABELS = ("edge", "kind", "layer")
+DIRECTIONS = ("forward", "backward")
+TRANSPORTS = ("local", "remote")
+METHODS = ("sheaf", "sgd")
+SPLITS = ("train", "test")
+MAX_RUN_KEYS = 16  # sheafdist_run_info is one series; keep its label set small
+MAX_RUN_VALUE = 200  # characters kept of each run_info value
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+class RunMetrics:
+    """The Prometheus series of one run over ``graph``.
+
+    ``run`` is a small dict of strings (engine, partition, arch, ...) exposed as
+    ``sheafdist_run_info``; its keys must be label names and there are at most
+    ``MAX_RUN_KEYS`` of them. ``training_output`` marks a training run: it adds
+    the ``out`` edge (kind ``output``, the pull towards the label) when the graph
+    has none, and creates the weight-update-norm series of the affine edges up
+    front (otherwise they appear on the first reported update).
+    """
+
+    def __init__(
+        self,
+        graph: SheafGraph,
+        registry: CollectorRegistry | None = None,
+        run: dict[str, str] | None = None,
+        training_output: bool = False,
+    ):
+        self.registry = CollectorRegistry() if registry is None else registry
+        self.edges: dict[str, Edge] = dict(graph.edges)
+        if training_output and "out" not in self.edges:
+            K = graph.depth
+            self.edges["out"] = Edge(
+                "out", "output", K, f"z{K}", "target", graph.arch[K]
+            )
+        self._servers: list[tuple[object, threading.Thread]] = []
+        self._warned: set[tuple[str, ...]] = set()
+        self._last_rounds: int | None = None
+        self._last_time = 0.0
+
+        reg = self.registry
+        self.discord = Gauge(
+            "sheafdist_edge_discord",
+            "Discord of the edge in the latest reported round: the squared norm of "
+            "its discrepancy F_head(x_head) - F_tail(x_tail), averaged over the batch.",
+            EDGE_LABELS, registry=reg,
+        )
+        self.messages = Counter(
+            "sheafdist_edge_messages_total",
+            "Edge-value messages sent along the edge, by direction (forward: tail to "
+            "head) and transport (local: inside one process, remote: between actors).",
+            EDGE_LABELS + ("direction", "transport"), registry=reg,
+        )
+        self.bytes = Counter(
+            "sheafdist_edge_bytes_total",
+            "Payload bytes of the edge-value messages sent along the edge, by "
+            "direction and transport.",
+            EDGE_LABELS + ("direction", "transport"), registry=reg,
+        )
+        self.flips = Counter(
+            "sheafdist_edge_mask_flips_total",
+            "ReLU mask entries that changed, summed over the reported rounds only "
+            "(one round per observer call): a sample of the flip rate, not every flip.",
+            EDGE_LABELS, registry=reg,
+        )
+        self.update_norm = Gauge(
+            "sheafdist_edge_weight_update_norm",
+            "Frobenius norm of the latest reported update of the edge's [W, b] "
+            "(training only).",
+            EDGE_LABELS, registry=reg,
+        )
+        self.energy = Gauge(
+            "sheafdist_energy",
+            "Dirichlet energy per sample in the latest reported round: half the sum "
+            "of the edge discords.",
+            registry=reg,
+        )
+        self.rounds = Counter(
+            "sheafdist_rounds_total", "Rounds taken by the run.", registry=reg
+        )
+        self.rounds_per_second = Gauge(
+            "sheafdist_rounds_per_second",
+            "Rounds per second between the last two observer reports.",
+            registry=reg,
+        )
+        self.loss = Gauge(
+            "sheafdist_loss",
+            "Latest training or test loss, by method (sheaf or the sgd baseline) "
+            "and split.",
+            ("method", "split"), registry=reg,
+        )
+        self.actors = Gauge(
+            "sheafdist_actors_alive", "Ray actors of the run that are alive.",
+            registry=reg,
+        )
+        self.info = Info(
+            "sheafdist_run", "Settings of the run (constant).", registry=reg
+        )
+        self.info.info(_run_labels(run))
+        self._create_children(training_output)
+
+    def _create_children(self, training: bool) -> None:
+        for edge in self.edges.values():
+            labels = _labels(edge)
+            self.discord.labels(*labels)
+            for direction in DIRECTIONS:
+                for transport in TRANSPORTS:
+                    self.messages.labels(*labels, direction, transport)
+                    self.bytes.labels(*labels, direction, transport)
+            if edge.kind == "relu":
+                self.flips.labels(*labels)
+            if edge.kind == "affine" and training:
+                self.update_norm.labels(*labels)
+
+    # ---------------------------------------------------------------- observer
+
+    def observe(self, rounds: int, stats: RoundStats, traffic: Traffic) -> None:
+        """Record one engine report; this is an engine ``Observer``.
+
+        ``rounds`` is cumulative; a count lower than the previous one means a new
+        engine started counting from zero, and all of it is added.
+        """
+        now = time.monotonic()
+        last = self._last_rounds
+        advanced = rounds if last is None or rounds < last else rounds - last
+        if advanced > 0:
+            self.rounds.inc(advanced)
+        if last is not None and now > self._last_time:
+            self.rounds_per_second.set(advanced / (now - self._last_time))
+        self._last_rounds, self._last_time = rounds, now
+
+        self._set(self.energy, ("energy",), stats.energy)
+        for name, value in stats.discord.items():
+            edge = self._edge(name, "discord")
+            if edge is not None:
+                self._set(self.discord.labels(*_labels(edge)), ("discord", name), value)
+        for name, value in stats.update_norm.items():
+            edge = self._edge(name, "update_norm", "affine")
+            if edge is not None:
+                gauge = self.update_norm.labels(*_labels(edge))
+                self._set(gauge, ("update_norm", name), value)
+        for name, count in stats.flips.items():
+            edge = self._edge(name, "flips", "relu")
+            if edge is not None:
+                self._inc(self.flips.labels(*_labels(edge)), ("flips", name), count)
+        for (name, direction, transport), (count, nbytes) in traffic.items():
+            edge = self._edge(name, "traffic")
+            if edge is None:
+                continue
+            if direction not in DIRECTIONS or transport not in TRANSPORTS:
+                self._warn_once(
+                    ("traffic", direction, transport),
+                    "traffic with direction %r and transport %r is not recorded",
+                    direction, transport,
+                )
+                continue
+            labels = (*_labels(edge), direction, transport)
+            self._inc(self.messages.labels(*labels), ("messages", name), count)
+            self._inc(self.bytes.labels(*labels), ("bytes", name), nbytes)
+
+    __call__ = observe
+
+    def set_loss(self, method: str, split: str, value: float) -> None:
+        """``method`` is ``sheaf`` or ``sgd``, ``split`` is ``train`` or ``test``."""
+        if method not in METHODS or split not in SPLITS:
+            raise ValueError(
+                f"loss of method {method!r} and split {split!r}: "
+                f"method must be one of {METHODS} and split one of {SPLITS}"
+            )
+        # checked before the child exists: a loss series never starts at a fake 0
+        if self._finite(("loss", method, split), float(value)):
+            self.loss.labels(method, split).set(float(value))
+
+    def set_actors(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"actors alive must be >= 0, got {n}")
+        self.actors.set(n)
+
+    # ---------------------------------------------------------------- server
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread; return the
+        bound port (``port=0`` picks a free one)."""
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port < 65536:
+            raise InputError(
+                "--metrics-port", repr(port),
+                "use a port from 0 to 65535 (0 picks a free one)",
+            )
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                fix = "the port is in use; pick another or 0 for a free one"
+                raise InputError("--metrics-port", port, fix) from None
+            fix = f"cannot listen ({e.strerror or e}); pick another or 0 for a free one"
+            raise InputError("--metrics-port", f"{port} on {host}", fix) from None
+        self._servers.append((server, thread))
+        bound = int(server.server_port)
+        log.debug("serving metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        """Stop every server started by :meth:`serve`; safe to call twice."""
+        while self._servers:
+            server, thread = self._servers.pop()
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+    def __enter__(self) -> RunMetrics:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _edge(self, name: str, what: str, kind: str | None = None) -> Edge | None:
+        """The edge called ``name``; ``None`` (warned once) for an edge this run
+        does not have, so labels stay bounded by the graph."""
+        edge = self.edges.get(name)
+        if edge is None or (kind is not None and edge.kind != kind):
+            self._warn_once(
+                ("edge", what, name),
+                "%s reported for edge %r, not a%s edge of this run; not recorded",
+                what, name, f" {kind}" if kind else "n",
+            )
+            return None
+        return edge
+
+    def _finite(self, key: tuple[str, ...], value: float) -> bool:
+        if math.isfinite(value):
+            return True
+        where = "/".join(key)
+        self._warn_once(("nonfinite", *key), "%s is %r; not recorded", where, value)
+        return False
+
+    def _set(self, gauge: Gauge, key: tuple[str, ...], value: float) -> None:
+        if self._finite(key, float(value)):
+            gauge.set(float(value))
+
+    def _inc(self, counter: Counter, key: tuple[str, ...], amount: int) -> None:
+        if not math.isfinite(amount) or amount < 0:
+            where = "/".join(key)
+            msg = "%s increment is %r; not recorded"
+            self._warn_once(("increment", *key), msg, where, amount)
+            return
+        if amount:
+            counter.inc(amount)
+
+    def _warn_once(self, key: tuple[str, ...], message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message + " (warned once)", *args)
+
+
+def _labels(edge: Edge) -> tuple[str, str, str]:
+    return edge.name, edge.kind, str(edge.layer)
+
+
+def _run_labels(run: dict[str, str] | None) -> dict[str, str]:
+    run = dict(run or {})
+    if len(run) > MAX_RUN_KEYS:
+        raise ValueError(f"run info has {len(run)} keys; at most {MAX_RUN_KEYS}")
+    bad = [k for k in run if not _LABEL_NAME.fullmatch(k) or k.startswith("__")]
+    if bad:
+        raise ValueError(f"run info keys {bad} are not Prometheus label names")
+    return {k: str(v)[:MAX_RUN_VALUE] for k, v in run.items()}

@@ -1,0 +1,31 @@
+"""Shared fixtures: where the golden reference data lives.
+
+The repository and ``shared/`` sit side by side (``/work/main`` and
+``/work/shared`` here; in CI the repo is cloned with ``../shared`` beside it).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # so that ``import golden_cases`` works anywhere
+    sys.path.insert(0, str(TESTS))
+
+GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """``<repo>/../shared/golden``; fails (never skips) when it is missing."""
+    if not (GOLDEN_DIR / "cases.json").is_file():
+        pytest.fail(
+            f"golden reference data not found: expected {GOLDEN_DIR}/cases.json. "
+            "Check out the shared/ folder beside the repository "
+            "(<repo>/../shared/golden).",
+            pytrace=False,
+        )
+    return GOLDEN_DIR

@@ -20,8 +20,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import InputError, SheafdistError
-from .model import MLP, check_model, load_model, load_npz, parse_arch, predict
+from .errors import InputError, SheafdistError, one_line
+from .files import atomic_savez, read_npy, read_npz
+from .model import MLP, check_model, load_model, parse_arch, predict
 from .problem import INITS, check_input
 
 log = logging.getLogger("sheafdist")
@@ -33,7 +34,7 @@ DEFAULT_TRAIN_ENGINE = "ray"  # training is the distributed showcase
 DEFAULT_TOL, DEFAULT_MAX_STEPS = 1e-9, 100_000  # paper.md 3.5, [CODE] defaults
 # the default `sheafdist train`: a few minutes on 2 cores with Ray; --full runs the
 # paper's protocol (100 epochs x 1000 steps for 1H, 200 x 1000 for 2H)
-DEFAULT_EPOCHS = 20
+DEFAULT_EPOCHS = 50
 STALK_SEED_OFFSET = 42  # the paper's stalk seed is 42 for weight seed 0
 DEFAULT_DATA_SEED = 42  # the paper's data seed
 PROGRESS_SECONDS = 1.0  # inference progress lines at most this often
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else 2
-    _setup_logging(args.verbose)
+    restore = _setup_logging(args.verbose)
     try:
         return args.func(args)
     except InputError as exc:
@@ -247,10 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"{type(exc).__name__}: {exc} (this is not a usage error; run again "
                "with -v for the traceback)")
         return 1
-
-
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    finally:
+        restore()
 
 
 def _error(message: str) -> None:
@@ -273,14 +272,23 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging(verbose: bool) -> None:
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("sheafdist: %(levelname)s "
-                                               "%(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
+def _setup_logging(verbose: bool) -> Callable[[], None]:
+    """Send the library's logs to stderr for one command; returns the undo, so
+    that ``main`` called in-process leaves the caller's logging as it was."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("sheafdist: %(levelname)s "
+                                           "%(name)s: %(message)s"))
+    before = (log.level, log.propagate)
+    log.addHandler(handler)
+    log.propagate = False
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+    def restore() -> None:
+        log.removeHandler(handler)
+        log.setLevel(before[0])
+        log.propagate = before[1]
+
+    return restore
 
 
 def _json_safe(value):
@@ -329,34 +337,8 @@ def _actor_count(engine) -> int:
 
 
 def _load_input(path: str) -> np.ndarray:
-    try:
-        x = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError("--input", path, "no such file") from None
-    except (OSError, ValueError, EOFError) as exc:
-        reason = one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        if "pickle" in reason:
-            reason = "pickled or unrecognised content, never unpickled"
-        raise InputError("--input", f"{path} ({reason})",
-                         "give a .npy array of shape (n0, batch) (np.save)") from None
-    if not isinstance(x, np.ndarray):
-        x.close()
-        raise InputError("--input", f"{path}, an .npz archive",
-                         "give one .npy array of shape (n0, batch) (np.save)")
-    return x
-
-
-def _load_model(path: str, arg: str = "--model") -> MLP:
-    """``load_model``, plus: every layer up to the highest numbered ``W``/``b`` in
-    the file must be there (a file with ``b2`` but no ``W2`` is not a 1-layer net)."""
-    model = load_model(path, arg)
-    layers = [int(k[1:]) for k in load_npz(path, arg)
-              if k[:1] in "Wb" and k[1:].isdigit()]
-    if max(layers, default=0) > model.depth:
-        missing = model.depth + 1
-        raise InputError(arg, f"{path} without W{missing}, which a later key needs",
-                         f"add W{missing} of shape (n{missing}, n{missing - 1})")
-    return model
+    return read_npy(path, "--input", "give a .npy array of shape (n0, batch) "
+                    "(np.save)")
 
 
 def _load_init(text: str, arg: str = "--init") -> str | dict[str, np.ndarray]:
@@ -365,7 +347,7 @@ def _load_init(text: str, arg: str = "--init") -> str | dict[str, np.ndarray]:
     if not os.path.exists(text) and not text.endswith(".npz"):
         raise InputError(arg, repr(text), f"use one of {', '.join(INITS)} or a "
                          "state .npz file")
-    return load_npz(text, arg)
+    return read_npz(text, arg)
 
 
 def _stable_bound(model: MLP, x: np.ndarray, extra: float = 0.0) -> float:
@@ -439,7 +421,6 @@ def _observers(*observers):
 
 def cmd_infer(args) -> int:
     from .engines import make_engine
-    from .model import atomic_savez
     from .pins import parse_pin
     from .problem import inference_problem
     from .rules import Config
@@ -452,7 +433,7 @@ def cmd_infer(args) -> int:
     tol = None if args.steps is not None else (args.tol or DEFAULT_TOL)
     rounds = args.steps or args.max_steps or DEFAULT_MAX_STEPS
 
-    model = _load_model(args.model, "--model")
+    model = load_model(args.model, "--model")
     x = check_input(model, _load_input(args.input), "--input")
     graph = build_graph(model.arch, model.output)
     hard = [parse_pin(p, graph) for p in args.pin]
@@ -571,7 +552,7 @@ def cmd_train(args) -> int:
 
     # model
     if args.model:
-        model = _load_model(args.model, "--model")
+        model = load_model(args.model, "--model")
         if args.arch and parse_arch(args.arch) != model.arch:
             raise InputError("--arch", args.arch, f"the --model file is "
                              f"{','.join(map(str, model.arch))}; drop one of them")

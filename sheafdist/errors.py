@@ -25,3 +25,9 @@ class DivergenceError(SheafdistError):
 
 class RunError(SheafdistError):
     """A run that failed for a reason other than bad input (timeouts, lost actors)."""
+
+
+def one_line(text: object, limit: int = 400) -> str:
+    """Fold any text (an exception, a traceback line) into one short line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -8,13 +8,12 @@ use ReLU with the paper's convention that ``z = 0`` counts as active; the output
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import InputError
+from .files import atomic_savez, read_npz
 
 OUTPUTS = ("identity", "sigmoid", "softmax")
 
@@ -158,31 +157,22 @@ def check_model(model: MLP, source: str = "model") -> None:
                 raise InputError(source, f"{name} with NaN or inf", "fix the file")
 
 
-def load_npz(path: str, arg: str) -> dict[str, np.ndarray]:
-    """Open an ``.npz`` without pickle, turning every failure into an InputError."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except FileNotFoundError:
-        raise InputError(arg, path, "no such file") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(arg, path, f"not a readable .npz file ({exc})") from None
-
-
 def load_model(path: str, arg: str = "--model") -> MLP:
-    data = load_npz(path, arg)
+    data = read_npz(path, arg)
     output = "identity"
     if "output" in data:
         output = str(data["output"])
-    K = 0
-    while f"W{K + 1}" in data:
-        K += 1
+    layers = sorted(int(k[1:]) for k in data if k[:1] in "Wb" and k[1:].isdigit())
+    K = max(layers, default=0)
     if K == 0:
-        raise InputError(arg, f"{path} with keys {sorted(data)}", "it needs W1..WK")
+        raise InputError(arg, f"{path} with keys {sorted(data)}", "it needs W1..WK "
+                         "and b1..bK")
     W, b = [], []
     for layer in range(1, K + 1):
-        if f"b{layer}" not in data:
-            raise InputError(arg, f"{path} without b{layer}", f"add b{layer}")
+        for key in (f"W{layer}", f"b{layer}"):
+            if key not in data:
+                raise InputError(arg, f"{path} without {key} (it has layers up to "
+                                 f"{K})", f"add {key}")
         w_l = np.asarray(data[f"W{layer}"], dtype=np.float64)
         b_l = np.asarray(data[f"b{layer}"], dtype=np.float64)
         if b_l.ndim == 1:
@@ -192,26 +182,6 @@ def load_model(path: str, arg: str = "--model") -> MLP:
     model = MLP(W, b, output)
     check_model(model, f"{arg} {path}")
     return model
-
-
-def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write an ``.npz`` to a temporary file and rename it over ``path``.
-
-    A crash half-way leaves the previous file untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_model(model: MLP, path: str) -> None:

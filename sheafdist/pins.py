@@ -65,7 +65,9 @@ def parse_pin(text: str, graph: SheafGraph, soft: bool = False) -> HardPin | Sof
     try:
         value = float(m["value"])
     except ValueError:
-        raise InputError(arg, repr(text), f"the value must be a number, {example}")
+        raise InputError(
+            arg, repr(text), f"the value must be a number, {example}"
+        ) from None
     if not np.isfinite(value):
         raise InputError(arg, repr(text), "the value must be finite")
     values = np.full((dim if coords is None else len(coords), 1), value)

@@ -60,6 +60,10 @@ class RoundStats:
 Traffic = dict[tuple[str, str, str], list[int]]
 
 
+def direction(edge: Edge, sender: str) -> str:
+    return "forward" if sender == edge.tail else "backward"
+
+
 def add_traffic(total: Traffic, key: tuple[str, str, str], count: int, nbytes: int):
     entry = total.setdefault(key, [0, 0])
     entry[0] += count
@@ -128,7 +132,9 @@ class Block:
         for v in self._masks:
             self._masks[v] = relu_mask(self.stalks[v])
         self._sent = {
-            (e.name, v): self.edge_value(e, v) for v in self.owned for e in self.incident[v]
+            (e.name, v): self.edge_value(e, v)
+            for v in self.owned
+            for e in self.incident[v]
         }
         return self._sent
 

@@ -121,8 +121,8 @@ class Coboundary:
 
     def blocks_of_laplacian(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
         """``L[Omega, Omega]`` and ``L[Omega, U]``."""
-        L = self.laplacian()
-        return L[self.free][:, self.free].tocsr(), L[self.free][:, self.boundary].tocsr()
+        rows = self.laplacian()[self.free]
+        return rows[:, self.free].tocsr(), rows[:, self.boundary].tocsr()
 
 
 def coboundary(model: MLP, pattern: list[np.ndarray]) -> Coboundary:

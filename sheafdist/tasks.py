@@ -11,7 +11,6 @@ agree.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -19,7 +18,8 @@ from types import MappingProxyType
 import numpy as np
 
 from .errors import InputError
-from .model import OUTPUTS, atomic_savez
+from .files import atomic_savez, read_npz
+from .model import OUTPUTS
 
 __all__ = [
     "BLOB_CENTRES",
@@ -260,7 +260,7 @@ def load_data(path: str, output: str = "identity") -> Dataset:
     """
     if output not in OUTPUTS:
         raise InputError("--output", repr(output), f"use one of {', '.join(OUTPUTS)}")
-    data = _read_npz(path)
+    data = read_npz(path, "--data")
     for key in ("X_train", "Y_train"):
         if key not in data:
             raise InputError(
@@ -294,41 +294,6 @@ def save_data(dataset: Dataset, path: str) -> None:
     if dataset.X_test is not None:
         arrays |= {"X_test": dataset.X_test, "Y_test": dataset.Y_test}
     atomic_savez(path, arrays)
-
-
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz``; any failure to read one becomes an InputError."""
-    try:
-        f = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError("--data", path, "no such file") from None
-    except _UNREADABLE as exc:
-        raise _unreadable(path, exc) from None
-    if not isinstance(f, np.lib.npyio.NpzFile):
-        raise InputError(
-            "--data", f"{path} holding one bare array", "save named arrays: np.savez"
-        )
-    with f:
-        # members are decoded lazily, so a damaged one fails only here
-        try:
-            return {k: f[k] for k in f.files}
-        except _UNREADABLE as exc:
-            raise _unreadable(path, exc) from None
-
-
-# what np.load raises for a directory, an empty or truncated file, pickled data
-_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile)
-
-
-def _unreadable(path: str, exc: Exception) -> InputError:
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    # numpy reads anything it does not recognise as a pickle, and its message then
-    # advises allow_pickle=True, which is exactly what must not be done here
-    if "pickle" in reason:
-        reason = "pickled or unrecognised content, never unpickled"
-    return InputError(
-        "--data", f"{path} ({reason})", "give an .npz of numeric arrays (np.savez)"
-    )
 
 
 def _as_matrix(path: str, key: str, value: np.ndarray) -> np.ndarray:

@@ -30,7 +30,8 @@ import numpy as np
 from .engines import make_engine
 from .engines.base import Observer
 from .errors import DivergenceError
-from .model import MLP, atomic_savez, load_npz, loss, save_model
+from .files import atomic_savez, read_npz
+from .model import MLP, loss, save_model
 from .problem import initial_stalks, training_problem
 from .rules import Config
 
@@ -231,7 +232,7 @@ def save_checkpoint(
 def load_checkpoint(path: str, arg: str = "--checkpoint") -> dict:
     """Read a checkpoint back: ``model`` (an :class:`MLP`), ``stalks``, ``round``,
     ``epoch``, ``history`` and ``config`` (the settings dict)."""
-    data = load_npz(path, arg)
+    data = read_npz(path, arg)
     K = sum(1 for k in data if k.startswith("W") and k[1:].isdigit())
     model = MLP(
         [data[f"W{layer}"] for layer in range(1, K + 1)],

@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
 from ..model import MLP
+from ..pins import apply_hard
 from ..problem import Problem
-from ..rules import Traffic, add_traffic
+from ..rules import Traffic, add_traffic, direction
 from .base import (
     MIN_ROUNDS,
     REPORT_SECONDS,
@@ -78,8 +81,8 @@ class LocalEngine:
         rounds = self.rounds - self._reported
         traffic: Traffic = {}
         for (edge, vertex), value in self.block._sent.items():
-            direction = "forward" if vertex == self.block.edges[edge].tail else "backward"
-            add_traffic(traffic, (edge, direction, "local"), rounds, rounds * value.nbytes)
+            key = (edge, direction(self.block.edges[edge], vertex), "local")
+            add_traffic(traffic, key, rounds, rounds * value.nbytes)
         self._reported = self.rounds
         self._next_report = time.monotonic() + REPORT_SECONDS
         self.observer(self.rounds, stats, traffic)
@@ -89,7 +92,8 @@ class LocalEngine:
 
     def set_stalks(self, stalks) -> None:
         for v in self.block.owned:
-            self.block.stalks[v] = stalks[v].copy()
+            self.block.stalks[v] = np.array(stalks[v], dtype=np.float64)
+        apply_hard(self.block.stalks, self.block.hard)
 
     def model(self) -> MLP:
         m = self.problem.model.copy()

@@ -25,20 +25,21 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import DivergenceError, InputError, RunError
+from ..errors import DivergenceError, InputError, RunError, one_line
 from ..messages import EdgeInfo, MessageError, encode_edge, encode_reduce, pack, unpack
 from ..model import MLP
 from ..partition import partition as make_partition
+from ..pins import apply_hard
 from ..problem import Problem
-from ..rules import Block, RoundStats, Traffic, add_traffic
+from ..rules import Block, RoundStats, Traffic, add_traffic, direction
 from .base import (
     MIN_ROUNDS,
     REPORT_SECONDS,
     Observer,
     RunResult,
+    diverged,
     divergence_error,
     divergence_limit,
-    diverged,
 )
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class BlockActor:
         block.stalks = {v: s.copy() for v, s in block.stalks.items()}
         block.maps = {e: (w.copy(), b.copy()) for e, (w, b) in block.maps.items()}
         self.lag = max(n_blocks - 1, 1)  # rounds until a round is known everywhere
-        graph = block.graph
+        self.graph = graph = block.graph
         self.edge_info = {
             e.name: EdgeInfo(e.tail, e.head, e.dim) for e in graph.edges.values()
         }
@@ -138,16 +139,15 @@ class BlockActor:
             payload = pack(msgs)
             self.neighbours[j].deliver.remote(self.index, round_, payload)
             for (edge, v, _), m in zip(items, msgs, strict=False):
-                direction = "forward" if v == self.edge_info[edge].tail else "backward"
-                add_traffic(self.traffic, (edge, direction, "remote"), 1, len(m["data"]))
+                key = (edge, direction(self.graph.edges[edge], v), "remote")
+                add_traffic(self.traffic, key, 1, len(m["data"]))
 
     def _count_local(self, sent: dict) -> None:
         for (edge, v), value in sent.items():
-            info = self.edge_info[edge]
-            other = info.head if v == info.tail else info.tail
-            if self.owner[other] == self.index:
-                direction = "forward" if v == info.tail else "backward"
-                add_traffic(self.traffic, (edge, direction, "local"), 1, value.nbytes)
+            e = self.graph.edges[edge]
+            if self.owner[e.head if v == e.tail else e.tail] == self.index:
+                add_traffic(self.traffic, (edge, direction(e, v), "local"), 1,
+                            value.nbytes)
 
     async def _receive(self, round_: int) -> dict[tuple[str, str], np.ndarray]:
         need = set(self.outgoing)
@@ -257,6 +257,7 @@ class BlockActor:
     async def set_stalks(self, stalks: dict[str, np.ndarray]) -> None:
         for v in self.block.owned:
             self.block.stalks[v] = np.array(stalks[v], dtype=np.float64)
+        apply_hard(self.block.stalks, self.block.hard)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -274,8 +275,15 @@ def init_ray(address: str | None = None) -> None:
         else:
             ray.init(**kwargs)
     except ConnectionError as exc:
-        raise InputError("--address", repr(address), f"no Ray cluster answers there "
-                         f"({exc}); start one with `ray start --head`") from None
+        if address:
+            raise InputError("--address", repr(address), "no Ray cluster answers "
+                             f"there ({one_line(exc)}); start one with `ray start "
+                             "--head` or drop --address") from None
+        raise RunError(f"ray: the embedded local Ray did not start ({one_line(exc)})")\
+            from None
+    except Exception as exc:  # ray raises many types while starting
+        raise RunError(f"ray: could not start or join Ray ({one_line(exc)})") \
+            from None
 
 
 class RayEngine:

@@ -46,6 +46,11 @@ class RoundStats:
     discord: dict[str, float] = field(default_factory=dict)  # per edge, batch mean
     flips: dict[str, int] = field(default_factory=dict)  # per ReLU edge
     update_norm: dict[str, float] = field(default_factory=dict)  # per affine edge
+    # filled by the Ray engine, per edge, for what was received since the last
+    # report: message latencies in seconds (send to receipt) and, in async mode,
+    # how many rounds old the neighbour values used in the latest round were
+    latency: dict[str, list[float]] = field(default_factory=dict)
+    staleness: dict[str, int] = field(default_factory=dict)
 
 
     @property

@@ -3,7 +3,10 @@
 An edge message carries one edge value, for example::
 
     {"v": 1, "kind": "edge", "edge": "W2", "src": "a1", "dst": "z2",
-     "round": 17, "dtype": "<f8", "shape": [4, 300], "data": <bytes>}
+     "round": 17, "dtype": "<f8", "shape": [4, 300], "data": <bytes>,
+     "sent": 1796327848.25}
+
+``sent`` (optional) is the sender's wall-clock time, for the latency metric.
 
 A reduce message carries what a block knows of recent rounds' convergence
 statistics (used to stop on a tolerance without a central barrier)::
@@ -43,13 +46,19 @@ class EdgeInfo:
     dim: int
 
 
-def encode_edge(edge: str, src: str, dst: str, round_: int, value: np.ndarray) -> dict:
+def encode_edge(
+    edge: str, src: str, dst: str, round_: int, value: np.ndarray,
+    sent: float | None = None,
+) -> dict:
     value = np.ascontiguousarray(value, dtype="<f8")
-    return {
+    msg = {
         "v": VERSION, "kind": "edge", "edge": edge, "src": src, "dst": dst,
         "round": int(round_), "dtype": "<f8", "shape": list(value.shape),
         "data": value.tobytes(),
     }
+    if sent is not None:
+        msg["sent"] = float(sent)
+    return msg
 
 
 def encode_reduce(src: int, round_: int, entries: list[list]) -> dict:
@@ -142,8 +151,13 @@ def check(msg, edges: Mapping[str, EdgeInfo], batch: int, max_bytes: int) -> dic
         value.flags.writeable = False
     if not np.all(np.isfinite(value)):
         raise MessageError(f"values: {edge} from {src} holds NaN or inf")
+    sent = None
+    if "sent" in msg:
+        sent = _field(msg, "sent", float)
+        if not np.isfinite(sent):
+            raise MessageError(f"sent: expected a finite time, got {sent}")
     return {"kind": "edge", "edge": edge, "src": src, "dst": dst, "round": round_,
-            "value": value, "nbytes": len(data)}
+            "value": value, "nbytes": len(data), "sent": sent}
 
 
 def _check_reduce(msg: dict) -> dict:

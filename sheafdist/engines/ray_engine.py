@@ -1,18 +1,26 @@
 """The Ray engine: partition blocks as actors that talk only to their neighbours.
 
 Each actor hosts one :class:`~sheafdist.rules.Block` and runs its own round loop.
-In ``sync`` mode an actor starts round t+1 as soon as it holds every neighbour
-message of round t; the driver starts the run, polls statistics and collects the
-result, but is not on the per-round path. One Ray call per neighbouring pair per
-round carries every edge value between the two (a msgpack list, checked on
-receipt).
+One Ray call per neighbouring pair per exchange carries every edge value
+between the two (a msgpack list, checked on receipt). The driver starts a run,
+polls statistics and collects the result; it is never on the per-round path.
 
-Stopping on a tolerance needs the global largest change of a round, which no
-actor sees. Each actor piggybacks what it knows of recent rounds on its edge
-messages; since the actors form a path of diameter D, every actor knows round
-s completely when it receives round s+D. All actors therefore decide about
-round s at the same round, stop together and roll back to their snapshot of
-round s: the result equals the local engine's, round count included.
+Modes:
+
+- ``sync``: an actor starts round t+1 as soon as it holds every neighbour
+  message of round t. To stop on a tolerance, which needs the global largest
+  change of a round, each actor piggybacks what it knows of recent rounds on its
+  messages; the actors form a path of diameter D, so every actor knows round s
+  completely when it receives round s+D. All actors then decide about round s
+  together and roll back to their snapshot of round s: the result equals the
+  local engine's, round count included.
+- ``async``: an actor steps on the latest neighbour values it holds, waiting
+  only when one is more than ``max_staleness`` rounds old. The staleness used
+  is measured per edge. The driver stops the run once every actor's latest
+  change is below the tolerance.
+
+With ``local_steps = tau`` a block takes tau rounds per exchange, holding its
+neighbours' values fixed in between: tau times fewer messages, more staleness.
 """
 
 from __future__ import annotations
@@ -21,8 +29,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
 
+import msgpack
 import numpy as np
 
 from ..errors import DivergenceError, InputError, RunError, one_line
@@ -44,9 +52,12 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
-MODES = ("sync",)
+MODES = ("sync", "async")
 STALL_SECONDS = 120.0  # an actor that makes no progress this long fails the run
 CALL_TIMEOUT = 60.0  # every ray.get in the driver has a timeout
+LATENCY_SAMPLES = 256  # per edge and report: enough for quantiles, bounded memory
+TRACE_LIMIT = 200_000  # trace records an actor holds between two drains
+ASYNC_POLL_SECONDS = 0.05  # how often the driver checks an async run's tolerance
 
 
 def merge_stats(parts: list[RoundStats]) -> RoundStats:
@@ -58,14 +69,23 @@ def merge_stats(parts: list[RoundStats]) -> RoundStats:
         out.discord.update(p.discord)
         out.flips.update(p.flips)
         out.update_norm.update(p.update_norm)
+        out.staleness.update(p.staleness)
+        for edge, samples in p.latency.items():
+            out.latency.setdefault(edge, []).extend(samples)
     return out
 
 
 class BlockActor:
     """One partition block and its round loop (a Ray async actor)."""
 
-    def __init__(self, index: int, block: Block, owner: dict[str, int], n_blocks: int):
+    def __init__(
+        self, index: int, block: Block, owner: dict[str, int], n_blocks: int,
+        mode: str = "sync", max_staleness: int = 1, local_steps: int = 1,
+        trace: bool = False,
+    ):
         self.index, self.block, self.owner = index, block, owner
+        self.mode, self.max_staleness, self.tau = mode, max_staleness, local_steps
+        self.tracing = trace
         # arrays arrive as read-only views of Ray's object store: own them
         block.stalks = {v: s.copy() for v, s in block.stalks.items()}
         block.maps = {e: (w.copy(), b.copy()) for e, (w, b) in block.maps.items()}
@@ -76,18 +96,23 @@ class BlockActor:
         }
         # the edge values this block sends away, grouped by receiving block
         self.outgoing: dict[int, list[tuple[str, str, str]]] = {}
-        for (edge, vertex) in ((e.name, v) for v in block.owned
-                               for e in block.incident[v]):
-            e = graph.edges[edge]
-            other = e.head if vertex == e.tail else e.tail
-            if owner[other] != index:
-                self.outgoing.setdefault(owner[other], []).append((edge, vertex, other))
+        for v in block.owned:
+            for e in block.incident[v]:
+                other = e.head if v == e.tail else e.tail
+                if owner[other] != index:
+                    self.outgoing.setdefault(owner[other], []).append(
+                        (e.name, v, other)
+                    )
         self.neighbours: dict[int, object] = {}
-        self.inbox: dict[int, dict[int, list[dict]]] = {}
+        self.inbox: dict[int, dict[int, list[dict]]] = {}  # sync: round -> block
+        self.latest: dict[int, tuple[int, list[dict]]] = {}  # async: newest per block
         self.round = 0
         self.error: str | None = None
+        self.stop_requested = False
         self.traffic: Traffic = {}
-        self.latest: RoundStats | None = None
+        self.stats: RoundStats | None = None
+        self.latency: dict[str, list[float]] = {}
+        self.trace: list[list] = []
         self.limit: float | None = None
         self._cond: asyncio.Condition | None = None
 
@@ -97,13 +122,16 @@ class BlockActor:
             self._cond = asyncio.Condition()
         return self._cond
 
-    async def connect(self, handles: dict[int, object]) -> int:
+    async def connect(self, handles: dict[int, object]) -> dict:
+        import ray
+
         self.neighbours = {j: handles[j] for j in self.outgoing}
-        return os.getpid()
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
     # ------------------------------------------------------------ messages
 
     async def deliver(self, src: int, round_: int, payload: bytes) -> None:
+        received = time.time()
         try:
             msgs = unpack(payload, self.edge_info, self.block.batch)
             for m in msgs:
@@ -121,7 +149,19 @@ class BlockActor:
             await self.abort(f"block {self.index} rejected a message from block "
                              f"{src}: {exc}")
             raise
-        self.inbox.setdefault(round_, {})[src] = msgs
+        for m in msgs:
+            if m["kind"] != "edge" or m["sent"] is None:
+                continue
+            samples = self.latency.setdefault(m["edge"], [])
+            if len(samples) < LATENCY_SAMPLES:
+                samples.append(max(received - m["sent"], 0.0))
+            if self.tracing and len(self.trace) < TRACE_LIMIT:
+                self.trace.append([m["round"], m["edge"], m["src"], m["dst"],
+                                   m["nbytes"], m["sent"], received, "remote"])
+        if self.mode == "sync":
+            self.inbox.setdefault(round_, {})[src] = msgs
+        elif round_ > self.latest.get(src, (-1, None))[0]:
+            self.latest[src] = (round_, msgs)
         async with self.cond:
             self.cond.notify_all()
 
@@ -130,47 +170,83 @@ class BlockActor:
         async with self.cond:
             self.cond.notify_all()
 
+    async def stop(self) -> int:
+        """Finish the current round and return (async runs, driver's tolerance)."""
+        self.stop_requested = True
+        async with self.cond:
+            self.cond.notify_all()
+        return self.round
+
     def _send(self, round_: int, sent: dict, reduce: list[list] | None) -> None:
+        now = time.time()
         for j, items in self.outgoing.items():
-            msgs = [encode_edge(edge, v, other, round_, sent[(edge, v)])
+            msgs = [encode_edge(edge, v, other, round_, sent[(edge, v)], now)
                     for edge, v, other in items]
             if reduce is not None:
                 msgs.append(encode_reduce(self.index, round_, reduce))
-            payload = pack(msgs)
-            self.neighbours[j].deliver.remote(self.index, round_, payload)
+            self.neighbours[j].deliver.remote(self.index, round_, pack(msgs))
             for (edge, v, _), m in zip(items, msgs, strict=False):
                 key = (edge, direction(self.graph.edges[edge], v), "remote")
                 add_traffic(self.traffic, key, 1, len(m["data"]))
 
-    def _count_local(self, sent: dict) -> None:
+    def _count_local(self, round_: int, sent: dict) -> None:
+        now = time.time() if self.tracing else 0.0
         for (edge, v), value in sent.items():
             e = self.graph.edges[edge]
-            if self.owner[e.head if v == e.tail else e.tail] == self.index:
+            other = e.head if v == e.tail else e.tail
+            if self.owner[other] == self.index:
                 add_traffic(self.traffic, (edge, direction(e, v), "local"), 1,
                             value.nbytes)
+                if self.tracing and len(self.trace) < TRACE_LIMIT:
+                    self.trace.append([round_, edge, v, other, value.nbytes, now, now,
+                                       "local"])
 
-    async def _receive(self, round_: int) -> dict[tuple[str, str], np.ndarray]:
-        need = set(self.outgoing)
+    async def _wait(self, ready) -> None:
         async with self.cond:
             await self.cond.wait_for(
-                lambda: self.error is not None
-                or need <= set(self.inbox.get(round_, {}))
+                lambda: self.error is not None or self.stop_requested or ready()
             )
         if self.error is not None:
             raise RunError(self.error)
-        got = self.inbox.pop(round_, {})
-        values, self._reduce_in = {}, []
-        for msgs in got.values():
+
+    async def _receive_sync(self, round_: int) -> tuple[dict, list]:
+        need = set(self.outgoing)
+        await self._wait(lambda: need <= set(self.inbox.get(round_, {})))
+        if self.stop_requested and not need <= set(self.inbox.get(round_, {})):
+            return {}, []
+        values, reduce = {}, []
+        for msgs in self.inbox.pop(round_, {}).values():
             for m in msgs:
                 if m["kind"] == "edge":
                     values[(m["edge"], m["src"])] = m["value"]
                 else:
-                    self._reduce_in.extend(m["entries"])
-        return values
+                    reduce.extend(m["entries"])
+        return values, reduce
+
+    async def _receive_async(self, round_: int) -> tuple[dict, dict[str, int]] | None:
+        """The newest values, waiting only for those too stale to use; None when
+        the driver stopped the run first."""
+        oldest = round_ - self.max_staleness
+
+        def ready() -> bool:
+            return all(j in self.latest and self.latest[j][0] >= oldest
+                       for j in self.outgoing)
+
+        await self._wait(ready)
+        if not ready():
+            return None
+        values, staleness = {}, {}
+        for j in self.outgoing:
+            r, msgs = self.latest.get(j, (-1, None))
+            for m in msgs or []:
+                if m["kind"] == "edge":
+                    values[(m["edge"], m["src"])] = m["value"]
+                    staleness[m["edge"]] = max(round_ - r, 0)
+        return values, staleness
 
     # ------------------------------------------------------------ rounds
 
-    def _snapshot(self, stats: RoundStats):
+    def _snapshot(self, stats: RoundStats | None):
         b = self.block
         return ({v: s.copy() for v, s in b.stalks.items()},
                 {e: (w.copy(), c.copy()) for e, (w, c) in b.maps.items()}, stats)
@@ -179,27 +255,38 @@ class BlockActor:
         stalks, maps, stats = snap
         self.block.stalks = {v: s.copy() for v, s in stalks.items()}
         self.block.maps = {e: (w.copy(), c.copy()) for e, (w, c) in maps.items()}
-        self.latest = stats
+        self.stats = stats
+
+    def _step(self, t: int, received: dict) -> RoundStats:
+        stats = self.block.step(received)
+        self.round, self.stats = t, stats
+        if self.limit is None:
+            self.limit = divergence_limit(stats.energy)
+        if diverged(stats, self.limit):
+            raise DivergenceError("diverged", stats.energy)
+        return stats
 
     async def run(self, rounds: int, tol: float | None, min_rounds: int) -> dict:
-        """Advance ``rounds`` rounds, or until the global tolerance rule stops."""
+        """Advance ``rounds`` rounds, or until the tolerance rule stops the run."""
+        self.error, self.stop_requested = None, False
+        self.latest.clear()
         try:
-            return await self._run(rounds, tol, min_rounds)
+            if self.mode == "sync" and self.tau == 1:
+                return await self._run_sync(rounds, tol, min_rounds)
+            return await self._run_free(rounds)
         except DivergenceError as exc:
             await self.abort(str(exc))
             return {"index": self.index, "failed": "diverged", "error": str(exc),
-                    "round": self.round, "energy": exc.args[1] if len(exc.args) > 1
-                    else float("nan")}
+                    "round": self.round, "energy": exc.args[1]}
         except RunError as exc:
             return {"index": self.index, "failed": "aborted", "error": str(exc),
                     "round": self.round}
 
-    async def _run(self, rounds: int, tol: float | None, min_rounds: int) -> dict:
+    async def _run_sync(self, rounds: int, tol: float | None, min_rounds: int):
         block, start = self.block, self.round
-        self.error = None
-        known: dict[int, dict[int, tuple[float, float]]] = {}
-        snaps = {start: self._snapshot(self.latest or RoundStats())}
         end = start + rounds
+        known: dict[int, dict[int, tuple[float, float]]] = {}
+        snaps = {start: self._snapshot(self.stats)} if tol is not None else {}
         while True:
             t = self.round + 1
             if tol is None and t > end:
@@ -208,47 +295,73 @@ class BlockActor:
             reduce = None
             if tol is not None:
                 reduce = [[s, b, mc, en] for s, parts in known.items()
-                          for b, (mc, en) in parts.items() if s >= t - 1 - self.lag]
+                          for b, (mc, en) in parts.items()]
             self._send(t, sent, reduce)
-            self._count_local(sent)
-            received = await self._receive(t)
+            self._count_local(t, sent)
+            received, reduce_in = await self._receive_sync(t)
             if tol is not None:
-                for s, b, mc, en in self._reduce_in:
+                for s, b, mc, en in reduce_in:
                     known.setdefault(s, {})[b] = (mc, en)
-                s = t - self.lag
+                s = t - self.lag  # now known to every actor
                 if s >= start + 1:
-                    parts = known.get(s, {})
-                    global_change = max(mc for mc, _ in parts.values())
-                    global_energy = sum(en for _, en in parts.values())
-                    stop = (s - start >= min_rounds and global_change < tol)
-                    if stop or s == end:
+                    parts = known.pop(s)
+                    change = max(mc for mc, _ in parts.values())
+                    energy = sum(en for _, en in parts.values())
+                    converged = s - start >= min_rounds and change < tol
+                    if converged or s == end:
                         self._restore(snaps[s])
                         self.round = s
-                        return {"index": self.index, "round": s, "converged": stop,
-                                "stats": self.latest, "final_change": global_change,
-                                "energy": global_energy}
-                    for old in [r for r in snaps if r <= s]:
-                        del snaps[old]
-                    known.pop(s, None)
-            stats = block.step(received)
-            self.round = t
-            self.latest = stats
-            if self.limit is None:
-                self.limit = divergence_limit(stats.energy)
-            if diverged(stats, self.limit):
-                raise DivergenceError("diverged", stats.energy)
+                        return {"index": self.index, "round": s,
+                                "converged": converged, "stats": self.stats,
+                                "final_change": change, "energy": energy}
+                    del snaps[s - 1]
+            stats = self._step(t, received)
             if tol is not None:
                 known.setdefault(t, {})[self.index] = (stats.max_change, stats.energy)
                 snaps[t] = self._snapshot(stats)
             await asyncio.sleep(0)  # let statistics calls in between rounds
         return {"index": self.index, "round": self.round, "converged": False,
-                "stats": self.latest}
+                "stats": self.stats}
+
+    async def _run_free(self, rounds: int) -> dict:
+        """Async mode, or local steps: each exchange, then tau rounds on what is
+        held. The driver may stop the run early (its tolerance rule)."""
+        block, start = self.block, self.round
+        received: dict = {}
+        staleness: dict[str, int] = {}
+        while self.round < start + rounds and not self.stop_requested:
+            t = self.round + 1
+            sent = block.send()
+            self._count_local(t, sent)
+            exchange = (t - start - 1) % self.tau == 0
+            if exchange:
+                self._send(t, sent, None)
+                if self.mode == "sync":
+                    fresh, _ = await self._receive_sync(t)
+                    if self.stop_requested and not fresh:
+                        break
+                    received = fresh
+                    staleness = {edge: 0 for edge, _ in received}
+                else:
+                    got = await self._receive_async(t)
+                    if got is None:
+                        break
+                    received, staleness = got
+                exchanged_at = t
+            stats = self._step(t, received)
+            # values held since the last exchange age by one round per local step
+            stats.staleness = {e: s + t - exchanged_at for e, s in staleness.items()}
+            await asyncio.sleep(0)
+        return {"index": self.index, "round": self.round, "converged": False,
+                "stats": self.stats}
 
     # ------------------------------------------------------------ driver calls
 
-    async def drain(self) -> tuple[int, RoundStats | None, Traffic]:
-        traffic, self.traffic = self.traffic, {}
-        return self.round, self.latest, traffic
+    async def drain(self) -> dict:
+        out = {"round": self.round, "stats": self.stats, "traffic": self.traffic,
+               "latency": self.latency, "trace": self.trace}
+        self.traffic, self.latency, self.trace = {}, {}, []
+        return out
 
     async def state(self) -> tuple[dict, dict]:
         return ({v: s.copy() for v, s in self.block.stalks.items()},
@@ -258,6 +371,11 @@ class BlockActor:
         for v in self.block.owned:
             self.block.stalks[v] = np.array(stalks[v], dtype=np.float64)
         apply_hard(self.block.stalks, self.block.hard)
+
+    async def set_round(self, round_: int) -> None:
+        self.round = round_
+        self.inbox.clear()
+        self.latest.clear()
 
 
 def init_ray(address: str | None = None) -> None:
@@ -286,6 +404,32 @@ def init_ray(address: str | None = None) -> None:
             from None
 
 
+class TraceWriter:
+    """Appends message records to a msgpack stream, one map per message."""
+
+    FIELDS = ("round", "edge", "src", "dst", "bytes", "sent", "received",
+              "transport")
+
+    def __init__(self, path: str):
+        try:
+            self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise InputError("--trace", path, f"cannot write it ({exc.strerror})") \
+                from None
+        self.records = 0
+
+    def write(self, block: int, rows: list[list]) -> None:
+        packer = msgpack.Packer(use_bin_type=True)
+        for row in rows:
+            record = dict(zip(self.FIELDS, row, strict=True))
+            record["block"] = block
+            self.file.write(packer.pack(record))
+        self.records += len(rows)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class RayEngine:
     name = "ray"
 
@@ -296,25 +440,50 @@ class RayEngine:
         partition: str = "layer",
         mode: str = "sync",
         address: str | None = None,
-        on_report: Callable[[int], None] | None = None,
+        max_staleness: int = 1,
+        local_steps: int = 1,
+        trace: str | None = None,
+        placement: str = "PACK",
     ):
         import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if mode not in MODES:
-            raise InputError("--mode", repr(mode), f"use one of {MODES}")
-        self.problem, self.observer = problem, observer
+            raise InputError("--mode", repr(mode), f"use one of {', '.join(MODES)}")
+        if not isinstance(max_staleness, int) or max_staleness < 0:
+            raise InputError("--max-staleness", max_staleness, "give an integer >= 0")
+        if not isinstance(local_steps, int) or local_steps < 1:
+            raise InputError("--local-steps", local_steps, "give an integer >= 1")
+        self.problem, self.observer, self.mode = problem, observer, mode
+        self.local_steps = local_steps
         self.blocks = make_partition(problem.graph, partition)
         owner = {v: i for i, vs in enumerate(self.blocks) for v in vs}
+        self.trace = TraceWriter(trace) if trace else None
         init_ray(address)
-        remote = ray.remote(num_cpus=0, max_restarts=0)(BlockActor)
+        # a placement group reserves a slot for every actor before any starts, so
+        # a cluster without room fails at once instead of half way through
+        self.group = placement_group([{"CPU": 0.01}] * len(self.blocks),
+                                     strategy=placement)
+        try:
+            ray.get(self.group.ready(), timeout=CALL_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(self.group)
+            raise RunError(f"ray: the cluster has no room for {len(self.blocks)} "
+                           "actors (placement group not ready)") from None
+        remote = ray.remote(num_cpus=0.01, max_restarts=0)(BlockActor)
         self.actors = [
-            remote.remote(i, problem.block(vs), owner, len(self.blocks))
+            remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.group, placement_group_bundle_index=i,
+            )).remote(i, problem.block(vs), owner, len(self.blocks), mode,
+                      max_staleness, local_steps, trace is not None)
             for i, vs in enumerate(self.blocks)
         ]
         handles = dict(enumerate(self.actors))
-        self._get([a.connect.remote(handles) for a in self.actors])
+        self.placement = self._get([a.connect.remote(handles) for a in self.actors])
         self.rounds = 0
-        log.debug("ray engine: %d actors, partition %s", len(self.actors), partition)
+        log.debug("ray engine: %d actors, partition %s, mode %s", len(self.actors),
+                  partition, mode)
 
     @property
     def n_actors(self) -> int:
@@ -332,61 +501,94 @@ class RayEngine:
             raise RunError(f"ray: an actor died ({exc.__class__.__name__}); the run "
                            "cannot continue") from None
 
-    def _report(self) -> int:
+    def _report(self) -> tuple[int, float]:
+        """Hand the actors' statistics to the observer; return the slowest actor's
+        round and the largest latest change."""
         drained = self._get([a.drain.remote() for a in self.actors])
-        rounds = min(r for r, _, _ in drained)
-        parts = [s for _, s, _ in drained if s is not None]
+        parts = [d["stats"] for d in drained if d["stats"] is not None]
         traffic: Traffic = {}
-        for _, _, t in drained:
-            for key, (count, nbytes) in t.items():
+        for i, d in enumerate(drained):
+            for key, (count, nbytes) in d["traffic"].items():
                 add_traffic(traffic, key, count, nbytes)
+            if self.trace is not None and d["trace"]:
+                self.trace.write(i, d["trace"])
+        stats = merge_stats(parts)
+        stats.latency = {}
+        for d in drained:
+            for edge, samples in d["latency"].items():
+                stats.latency.setdefault(edge, []).extend(samples)
+        rounds = min(d["round"] for d in drained)
         if self.observer is not None and parts:
-            self.observer(rounds, merge_stats(parts), traffic)
-        return rounds
+            self.observer(rounds, stats, traffic)
+        change = stats.max_change if len(parts) == len(drained) else float("inf")
+        return rounds, change
 
     def run(
         self, rounds: int, tol: float | None = None, min_rounds: int = MIN_ROUNDS
     ) -> RunResult:
         import ray
 
-        start = time.perf_counter()
+        start, first = time.perf_counter(), self.rounds
         refs = [a.run.remote(rounds, tol, min_rounds) for a in self.actors]
+        free = self._free_running()
+        poll = ASYNC_POLL_SECONDS if (free and tol is not None) else REPORT_SECONDS
         pending, last_round, last_progress = list(refs), -1, time.monotonic()
+        next_report, stopped = 0.0, False
         while pending:
-            ready, pending = ray.wait(pending, num_returns=len(pending),
-                                      timeout=REPORT_SECONDS)
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll)
             if pending and any("failed" in r for r in self._get(ready)):
                 # a block gave up: the others wait for its messages, so stop them
                 for a in self.actors:
                     a.abort.remote("a neighbouring block failed")
-            reached = self._report()
+            now = time.monotonic()
+            if now < next_report and pending and not (free and tol is not None):
+                continue
+            reached, change = self._report()
+            next_report = now + REPORT_SECONDS
+            if (free and tol is not None and not stopped
+                    and reached - first >= min_rounds and change < tol):
+                self._get([a.stop.remote() for a in self.actors])
+                stopped = True
             if reached > last_round:
-                last_round, last_progress = reached, time.monotonic()
-            elif pending and time.monotonic() - last_progress > STALL_SECONDS:
+                last_round, last_progress = reached, now
+            elif pending and now - last_progress > STALL_SECONDS:
                 for a in self.actors:
                     a.abort.remote("the driver saw no progress")
                 raise RunError(f"ray: no actor advanced past round {reached} in "
                                f"{STALL_SECONDS:.0f}s")
         results = self._get(refs)
+        self._report()
         failed = [r for r in results if "failed" in r]
         if failed:
-            first = next((r for r in failed if r["failed"] == "diverged"), failed[0])
-            if first["failed"] == "diverged":
-                raise divergence_error(self.problem, first["round"] + 1,
-                                       first.get("energy", float("nan")))
-            raise RunError(first["error"])
+            first_fail = next((r for r in failed if r["failed"] == "diverged"),
+                              failed[0])
+            if first_fail["failed"] == "diverged":
+                raise divergence_error(self.problem, first_fail["round"] + 1,
+                                       first_fail.get("energy", float("nan")))
+            raise RunError(first_fail["error"])
         stats = merge_stats([r["stats"] for r in results if r["stats"] is not None])
-        taken = results[0]["round"] - self.rounds
-        self.rounds = results[0]["round"]
-        converged = bool(results[0]["converged"])
-        final_change = results[0].get("final_change", stats.max_change)
-        energy = results[0].get("energy", stats.energy)
+        if free:
+            # async actors end at slightly different rounds: label them alike
+            final = max(r["round"] for r in results)
+            self._get([a.set_round.remote(final) for a in self.actors])
+            converged = tol is not None and stats.max_change < tol
+            final_change, energy = stats.max_change, stats.energy
+        else:
+            final = results[0]["round"]
+            converged = bool(results[0]["converged"])
+            final_change = results[0].get("final_change", stats.max_change)
+            energy = results[0].get("energy", stats.energy)
+        taken, self.rounds = final - self.rounds, final
         return RunResult(
             stalks=self.stalks(), model=self.model(), rounds=taken,
             converged=converged, final_change=final_change, energy=energy,
             discord=dict(stats.discord), flips=sum(stats.flips.values()),
             seconds=time.perf_counter() - start,
         )
+
+    def _free_running(self) -> bool:
+        """Whether the actors run without the exact sync protocol."""
+        return self.mode == "async" or self.local_steps > 1
 
     def _states(self):
         return self._get([a.state.remote() for a in self.actors])
@@ -415,3 +617,8 @@ class RayEngine:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        if getattr(self, "group", None) is not None:
+            ray.util.remove_placement_group(self.group)
+            self.group = None
+        if self.trace is not None:
+            self.trace.close()

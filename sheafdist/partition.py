@@ -7,17 +7,23 @@ so the actors themselves form a path and each talks to at most two others.
 - ``layer`` (the default): ``{a0, z1, a1}``, ``{z2, a2}``, ..., ``{zK, a_out}``;
   the input rides with the first layer, since it only holds ``W1``;
 - ``blocks:N``: N stretches of about equal stalk size;
-- ``single``: everything in one actor.
+- ``single``: everything in one actor;
+- a path to a JSON file: a list of blocks (lists of vertex names) or a map from
+  vertex to block number. Any grouping works; the engines only need every
+  vertex in exactly one block.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 
 from .errors import InputError
 from .sheaf import SheafGraph
 
-PARTITIONS = ("vertex", "layer", "blocks:N", "single")
+PARTITIONS = ("vertex", "layer", "blocks:N", "single", "FILE.json")
 
 
 def partition(graph: SheafGraph, spec: str) -> list[list[str]]:
@@ -53,4 +59,33 @@ def partition(graph: SheafGraph, spec: str) -> list[list[str]]:
             bounds.append(min(max(cut + 1, lo), hi))
         bounds.append(len(order))
         return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if spec.endswith(".json") or os.path.exists(spec):
+        return from_file(graph, spec)
     raise InputError("--partition", repr(spec), f"use one of {', '.join(PARTITIONS)}")
+
+
+def from_file(graph: SheafGraph, path: str) -> list[list[str]]:
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise InputError("--partition", path, f"not a readable JSON file ({exc})") \
+            from None
+    if isinstance(raw, dict):
+        numbers = sorted(set(raw.values()), key=str)
+        raw = [[v for v, b in raw.items() if b == n] for n in numbers]
+    if not isinstance(raw, list) or not all(
+        isinstance(b, list) and b and all(isinstance(v, str) for v in b) for b in raw
+    ):
+        raise InputError("--partition", path, 'give a list of blocks, e.g. [["a0", '
+                         '"z1"], ["a1", "z2"]], or a map from vertex to block')
+    seen = [v for b in raw for v in b]
+    missing = [v for v in graph.vertices if v not in seen]
+    unknown = sorted({v for v in seen if v not in graph.vertices})
+    twice = sorted({v for v in seen if seen.count(v) > 1})
+    for what, names in (("misses", missing), ("names unknown vertices", unknown),
+                        ("repeats", twice)):
+        if names:
+            raise InputError("--partition", f"{path}, which {what} {names}",
+                             f"place each of {', '.join(graph.vertices)} once")
+    return raw

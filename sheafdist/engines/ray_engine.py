@@ -157,7 +157,8 @@ class BlockActor:
                 samples.append(max(received - m["sent"], 0.0))
             if self.tracing and len(self.trace) < TRACE_LIMIT:
                 self.trace.append([m["round"], m["edge"], m["src"], m["dst"],
-                                   m["nbytes"], m["sent"], received, "remote"])
+                                   m["nbytes"], m["sent"], received, "remote", src,
+                                   self.index])
         if self.mode == "sync":
             self.inbox.setdefault(round_, {})[src] = msgs
         elif round_ > self.latest.get(src, (-1, None))[0]:
@@ -199,7 +200,7 @@ class BlockActor:
                             value.nbytes)
                 if self.tracing and len(self.trace) < TRACE_LIMIT:
                     self.trace.append([round_, edge, v, other, value.nbytes, now, now,
-                                       "local"])
+                                       "local", self.index, self.index])
 
     async def _wait(self, ready) -> None:
         async with self.cond:
@@ -408,7 +409,7 @@ class TraceWriter:
     """Appends message records to a msgpack stream, one map per message."""
 
     FIELDS = ("round", "edge", "src", "dst", "bytes", "sent", "received",
-              "transport")
+              "transport", "src_block", "dst_block")
 
     def __init__(self, path: str):
         try:
@@ -418,13 +419,12 @@ class TraceWriter:
                 from None
         self.records = 0
 
-    def write(self, block: int, rows: list[list]) -> None:
+    def write(self, rows: list[list]) -> None:
         packer = msgpack.Packer(use_bin_type=True)
         for row in rows:
-            record = dict(zip(self.FIELDS, row, strict=True))
-            record["block"] = block
-            self.file.write(packer.pack(record))
+            self.file.write(packer.pack(dict(zip(self.FIELDS, row, strict=True))))
         self.records += len(rows)
+        self.file.flush()
 
     def close(self) -> None:
         self.file.close()
@@ -507,11 +507,11 @@ class RayEngine:
         drained = self._get([a.drain.remote() for a in self.actors])
         parts = [d["stats"] for d in drained if d["stats"] is not None]
         traffic: Traffic = {}
-        for i, d in enumerate(drained):
+        for d in drained:
             for key, (count, nbytes) in d["traffic"].items():
                 add_traffic(traffic, key, count, nbytes)
             if self.trace is not None and d["trace"]:
-                self.trace.write(i, d["trace"])
+                self.trace.write(d["trace"])
         stats = merge_stats(parts)
         stats.latency = {}
         for d in drained:

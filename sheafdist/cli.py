@@ -129,6 +129,9 @@ def build_parser() -> Parser:
     _engine_options(infer, DEFAULT_INFER_ENGINE)
     infer.add_argument("--metrics-port", type=port_int, metavar="P",
                        help="serve Prometheus metrics on 127.0.0.1:P (0: a free port)")
+    infer.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
+                       help="address the metrics endpoint listens on (default "
+                       "127.0.0.1; 0.0.0.0 in a container or pod)")
     infer.add_argument("--out", metavar="STATE.npz", help="write the final state")
     infer.add_argument("--json", action="store_true",
                        help="print one JSON object on stdout")
@@ -194,11 +197,42 @@ def build_parser() -> Parser:
     train.add_argument("--out", metavar="MODEL.npz", help="write the trained weights")
     train.add_argument("--metrics-port", type=port_int, metavar="P",
                        help="serve Prometheus metrics on 127.0.0.1:P (0: a free port)")
+    train.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR",
+                       help="address the metrics endpoint listens on (default "
+                       "127.0.0.1; 0.0.0.0 in a container or pod)")
     train.add_argument("--json", action="store_true",
                        help="print one JSON object on stdout")
     _common(train)
     train.set_defaults(func=cmd_train)
+
+    from .top import add_parser as add_top  # sheafdist top: the live view
+
+    add_top(sub)
+
+    from .cli_analysis import register as add_analysis  # diagnose, reproduce
+
+    add_analysis(sub)
+
+    trace = sub.add_parser("trace", help="summarise a message trace (--trace FILE)",
+                           description="Messages, bytes and latency per edge and "
+                           "per pair of actors, from a trace written by --trace.")
+    trace.add_argument("file", metavar="FILE", help="the trace file")
+    trace.add_argument("--json", action="store_true",
+                       help="print one JSON object on stdout")
+    _common(trace)
+    trace.set_defaults(func=cmd_trace)
     return parser
+
+
+def cmd_trace(args) -> int:
+    from .trace import format_summary, read_trace, summarise
+
+    summary = summarise(read_trace(args.file))
+    if args.json:
+        _print_json(summary)
+    else:
+        print("\n".join(format_summary(summary)))
+    return 0
 
 
 def _engine_options(p: argparse.ArgumentParser, default: str) -> None:
@@ -211,7 +245,18 @@ def _engine_options(p: argparse.ArgumentParser, default: str) -> None:
                    help="vertices per actor: vertex, layer, blocks:N or single "
                    "(default layer)")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
-                   help="round discipline of the Ray engine (default sync)")
+                   help="round discipline of the Ray engine: sync equals the local "
+                   "engine exactly; async steps on the newest values held (default "
+                   "sync)")
+    p.add_argument("--max-staleness", type=nonnegative_int, default=1, metavar="S",
+                   help="async mode: use neighbour values at most S rounds old "
+                   "(default 1)")
+    p.add_argument("--local-steps", type=positive_int, default=1, metavar="TAU",
+                   help="rounds a block takes per exchange with its neighbours "
+                   "(default 1)")
+    p.add_argument("--trace", metavar="FILE",
+                   help="Ray engine: write one msgpack record per message to FILE "
+                   "(summarise it with `sheafdist trace FILE`)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -314,15 +359,22 @@ def _print_json(obj: dict) -> None:
 
 
 def _check_mode(args) -> None:
-    if args.mode == "async":
-        raise InputError("--mode", "'async'", "asynchronous mode is not implemented "
-                         "yet; use --mode sync")
+    if args.engine != "ray":
+        for flag, value, default in (("--mode", args.mode, "sync"),
+                                     ("--max-staleness", args.max_staleness, 1),
+                                     ("--local-steps", args.local_steps, 1),
+                                     ("--trace", args.trace, None)):
+            if value != default:
+                raise InputError(flag, value, "it applies to the Ray engine; add "
+                                 "--engine ray")
 
 
 def _engine_options_of(args) -> dict:
     if args.engine != "ray":
         return {}
-    return {"partition": args.partition, "mode": args.mode, "address": args.address}
+    return {"partition": args.partition, "mode": args.mode, "address": args.address,
+            "max_staleness": args.max_staleness, "local_steps": args.local_steps,
+            "trace": args.trace}
 
 
 def _check_partition(graph, spec: str) -> None:
@@ -379,11 +431,11 @@ def _metrics(args, graph, run: dict, training: bool):
 
     metrics = RunMetrics(graph, run=run, training_output=training)
     try:
-        port = metrics.serve(args.metrics_port)
+        port = metrics.serve(args.metrics_port, args.metrics_host)
     except BaseException:
         metrics.close()
         raise
-    _say(f"metrics: http://127.0.0.1:{port}/metrics")
+    _say(f"metrics: http://{args.metrics_host}:{port}/metrics")
     return metrics
 
 
@@ -456,8 +508,10 @@ def cmd_infer(args) -> int:
     )
     start = time.perf_counter()
     try:
+        # the local engine records the energy of every round for the rate check
+        record = {"record_energy": True} if args.engine == "local" else {}
         engine = make_engine(args.engine, problem, observer=observer,
-                             **_engine_options_of(args))
+                             **_engine_options_of(args), **record)
         try:
             if metrics is not None:
                 metrics.set_actors(_actor_count(engine))
@@ -490,6 +544,10 @@ def cmd_infer(args) -> int:
         "total_seconds": total,
         "engine": args.engine,
     }
+    from .diagnostics import rate_check  # paper.md 3.3, check 5
+
+    report |= rate_check(model, x, args.alpha, args.dt, args.output_edge,
+                         getattr(engine, "energies", None), bool(hard or soft))
     if args.engine == "ray":
         report |= {"partition": args.partition, "mode": args.mode}
     if args.json:

@@ -7,10 +7,15 @@ since the previous call. It writes into its own ``CollectorRegistry`` (a fresh o
 unless given), never into the global one.
 
 Every per-edge series carries exactly the labels ``edge``, ``kind`` and ``layer``
-(plus ``direction`` and ``transport`` on the traffic counters). All of them are
-created up front for every edge of the graph, so the first scrape already shows
-every edge, and their number depends only on the depth of the network: no label
-ever holds a neuron, a sample or a message id.
+(plus ``direction`` and ``transport`` on the traffic counters, and ``le`` on the
+latency buckets, which are fixed). All of them are created up front for every
+edge of the graph, so the first scrape already shows every edge, and their number
+depends only on the depth of the network: no label ever holds a neuron, a sample
+or a message id. :func:`series_count` gives that number.
+
+The ``*_created`` samples that ``prometheus_client`` adds to counters and
+histograms are left out of the exposition: Prometheus 2 stores each of them as a
+series of its own, which would add a third to the count and nothing to a panel.
 
 A value that is not finite is never written: the update is skipped and a warning
 is logged once per series.
@@ -22,6 +27,7 @@ import errno
 import logging
 import math
 import re
+import socket
 import threading
 import time
 from types import TracebackType
@@ -30,6 +36,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     Info,
     start_http_server,
 )
@@ -47,6 +54,15 @@ METHODS = ("sheaf", "sgd")
 SPLITS = ("train", "test")
 MAX_RUN_KEYS = 16  # sheafdist_run_info is one series; keep its label set small
 MAX_RUN_VALUE = 200  # characters kept of each run_info value
+# message latency buckets in seconds: a Ray call takes about 0.5-1 ms on a small
+# machine (DESIGN.md), a stalled or remote one up to seconds; fixed, so the series
+# count never depends on what was measured
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+RATE_SECONDS = 1.0  # a pause this long shows as 0 rounds per second
+MIN_RATE_SECONDS = 0.25  # the shortest time a rate is taken over
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
@@ -69,6 +85,9 @@ class RunMetrics:
         training_output: bool = False,
     ):
         self.registry = CollectorRegistry() if registry is None else registry
+        # the metrics live in a private registry that ``self.registry`` reads
+        # through a filter dropping the *_created samples (see the module doc)
+        own = CollectorRegistry()
         self.edges: dict[str, Edge] = dict(graph.edges)
         if training_output and "out" not in self.edges:
             K = graph.depth
@@ -78,9 +97,10 @@ class RunMetrics:
         self._servers: list[tuple[object, threading.Thread]] = []
         self._warned: set[tuple[str, ...]] = set()
         self._last_rounds: int | None = None
-        self._last_time = 0.0
+        # rounds since the rate was last set, and when that was
+        self._rate_rounds, self._rate_time = 0, 0.0
 
-        reg = self.registry
+        reg = own
         self.discord = Gauge(
             "sheafdist_edge_discord",
             "Discord of the edge in the latest reported round: the squared norm of "
@@ -111,6 +131,18 @@ class RunMetrics:
             "(training only).",
             EDGE_LABELS, registry=reg,
         )
+        self.latency = Histogram(
+            "sheafdist_edge_message_latency_seconds",
+            "Time from sending an edge-value message to its receipt, in seconds, "
+            "for the messages that crossed between actors (Ray engine).",
+            EDGE_LABELS, registry=reg, buckets=LATENCY_BUCKETS,
+        )
+        self.staleness = Gauge(
+            "sheafdist_edge_staleness_rounds",
+            "How many rounds old the neighbour value used along the edge in the "
+            "latest reported round was (async mode; 0 in sync mode).",
+            EDGE_LABELS, registry=reg,
+        )
         self.energy = Gauge(
             "sheafdist_energy",
             "Dirichlet energy per sample in the latest reported round: half the sum "
@@ -122,7 +154,7 @@ class RunMetrics:
         )
         self.rounds_per_second = Gauge(
             "sheafdist_rounds_per_second",
-            "Rounds per second between the last two observer reports.",
+            "Rounds per second over the latest second or more of the run.",
             registry=reg,
         )
         self.loss = Gauge(
@@ -140,11 +172,14 @@ class RunMetrics:
         )
         self.info.info(_run_labels(run))
         self._create_children(training_output)
+        self.registry.register(_WithoutCreated(own))
 
     def _create_children(self, training: bool) -> None:
         for edge in self.edges.values():
             labels = _labels(edge)
             self.discord.labels(*labels)
+            self.latency.labels(*labels)
+            self.staleness.labels(*labels)
             for direction in DIRECTIONS:
                 for transport in TRANSPORTS:
                     self.messages.labels(*labels, direction, transport)
@@ -167,9 +202,8 @@ class RunMetrics:
         advanced = rounds if last is None or rounds < last else rounds - last
         if advanced > 0:
             self.rounds.inc(advanced)
-        if last is not None and now > self._last_time:
-            self.rounds_per_second.set(advanced / (now - self._last_time))
-        self._last_rounds, self._last_time = rounds, now
+        self._update_rate(last is None, advanced, now)
+        self._last_rounds = rounds
 
         self._set(self.energy, ("energy",), stats.energy)
         for name, value in stats.discord.items():
@@ -185,6 +219,19 @@ class RunMetrics:
             edge = self._edge(name, "flips", "relu")
             if edge is not None:
                 self._inc(self.flips.labels(*_labels(edge)), ("flips", name), count)
+        for name, samples in stats.latency.items():
+            edge = self._edge(name, "latency")
+            if edge is not None:
+                self._observe(self.latency.labels(*_labels(edge)), name, samples)
+        for name, age in stats.staleness.items():
+            edge = self._edge(name, "staleness")
+            if edge is None:
+                continue
+            if not math.isfinite(age) or age < 0:
+                key = ("staleness", name)
+                self._warn_once(key, "staleness/%s is %r; not recorded", name, age)
+                continue
+            self.staleness.labels(*_labels(edge)).set(age)
         for (name, direction, transport), (count, nbytes) in traffic.items():
             edge = self._edge(name, "traffic")
             if edge is None:
@@ -201,6 +248,20 @@ class RunMetrics:
             self._inc(self.bytes.labels(*labels), ("bytes", name), nbytes)
 
     __call__ = observe
+
+    def _update_rate(self, first: bool, advanced: int, now: float) -> None:
+        """Rounds per second since the rate was last set, over MIN_RATE_SECONDS
+        at least. A report without new rounds soon after another (the closing
+        report of an engine run, an epoch boundary) changes nothing; only
+        RATE_SECONDS without progress bring the rate to 0."""
+        if first:
+            self._rate_rounds, self._rate_time = 0, now
+            return
+        self._rate_rounds += advanced
+        elapsed = now - self._rate_time
+        if elapsed >= RATE_SECONDS or (advanced > 0 and elapsed >= MIN_RATE_SECONDS):
+            self.rounds_per_second.set(self._rate_rounds / elapsed)
+            self._rate_rounds, self._rate_time = 0, now
 
     def set_loss(self, method: str, split: str, value: float) -> None:
         """``method`` is ``sheaf`` or ``sgd``, ``split`` is ``train`` or ``test``."""
@@ -234,6 +295,10 @@ class RunMetrics:
             if e.errno == errno.EADDRINUSE:
                 fix = "the port is in use; pick another or 0 for a free one"
                 raise InputError("--metrics-port", port, fix) from None
+            if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+                fix = (f"cannot listen on that address ({e.strerror or e}); use "
+                       "127.0.0.1, or 0.0.0.0 for every interface")
+                raise InputError("--metrics-host", repr(host), fix) from None
             fix = f"cannot listen ({e.strerror or e}); pick another or 0 for a free one"
             raise InputError("--metrics-port", f"{port} on {host}", fix) from None
         self._servers.append((server, thread))
@@ -295,10 +360,48 @@ class RunMetrics:
         if amount:
             counter.inc(amount)
 
+    def _observe(self, histogram: Histogram, name: str, samples: list[float]) -> None:
+        """Every finite, non-negative sample; the others are skipped (a negative
+        latency means the clocks of two machines disagree), warned once."""
+        bad = 0
+        for sample in samples:
+            if math.isfinite(sample) and sample >= 0:
+                histogram.observe(sample)
+            else:
+                bad += 1
+        if bad:
+            self._warn_once(
+                ("latency", name),
+                "latency/%s: %d samples negative or not finite; not recorded",
+                name, bad,
+            )
+
     def _warn_once(self, key: tuple[str, ...], message: str, *args: object) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message + " (warned once)", *args)
+
+
+class _WithoutCreated:
+    """A collector reading ``registry`` without its ``*_created`` samples."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def describe(self):
+        return list(self.registry.collect())
+
+    def collect(self):
+        for family in self.registry.collect():  # fresh objects on every call
+            family.samples = [
+                s for s in family.samples if not s.name.endswith("_created")
+            ]
+            yield family
+
+
+def series_count(registry: CollectorRegistry) -> int:
+    """The series one scrape of ``registry`` gives Prometheus: its samples."""
+    return sum(len(family.samples) for family in registry.collect())
 
 
 def _labels(edge: Edge) -> tuple[str, str, str]:

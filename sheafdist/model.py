@@ -8,6 +8,7 @@ use ReLU with the paper's convention that ``z = 0`` counts as active; the output
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,3 +187,80 @@ def load_model(path: str, arg: str = "--model") -> MLP:
 
 def save_model(model: MLP, path: str) -> None:
     atomic_savez(path, {**model.params(), "output": np.array(model.output)})
+
+
+# ---------------------------------------------------------------- PyTorch
+
+TORCH_LAYERS = ("Linear", "ReLU", "Sigmoid", "Softmax")
+
+
+def from_torch(seq, source: str = "--torch") -> MLP:
+    """An :class:`MLP` from a PyTorch ``nn.Sequential`` of ``Linear`` and ``ReLU``.
+
+    The layers must alternate ``Linear, ReLU, Linear, ..., Linear``, optionally
+    ending in ``Sigmoid`` or ``Softmax(dim=-1 or 1)`` (the output nonlinearity).
+    ``Linear.weight`` is ``(out, in)``, which is ``W_l`` as it is; a missing bias
+    becomes zeros. Values are copied to float64. Torch itself is not imported:
+    the layers are recognised by their class names.
+    """
+    layers = list(seq.children()) if hasattr(seq, "children") else list(seq)
+    names = [type(m).__name__ for m in layers]
+    output = "identity"
+    if names and names[-1] in ("Sigmoid", "Softmax"):
+        if names[-1] == "Softmax" and getattr(layers[-1], "dim", None) not in (-1, 1):
+            raise InputError(source, f"Softmax(dim={layers[-1].dim})", "the softmax "
+                             "must run over the features: Softmax(dim=-1)")
+        output = names[-1].lower()
+        layers, names = layers[:-1], names[:-1]
+    expected = ["ReLU" if i % 2 else "Linear" for i in range(len(names))]
+    if not names or names != expected or names[-1] != "Linear":
+        shown = ", ".join(type(m).__name__ for m in
+                          (list(seq.children()) if hasattr(seq, "children") else seq))
+        raise InputError(source, f"nn.Sequential({shown})", "give Linear layers "
+                         "with a ReLU between each pair, optionally ending in "
+                         "Sigmoid or Softmax(dim=-1)")
+    W, b = [], []
+    for m in layers[::2]:
+        w = m.weight.detach().cpu().double().numpy().copy()
+        W.append(w)
+        if m.bias is None:
+            b.append(np.zeros((w.shape[0], 1)))
+        else:
+            b.append(m.bias.detach().cpu().double().numpy().reshape(-1, 1).copy())
+    model = MLP(W, b, output)
+    check_model(model, source)
+    return model
+
+
+def load_torch(path: str, arg: str = "--torch") -> MLP:
+    """Read a ``torch.save``-d ``nn.Sequential`` with ``weights_only=True``.
+
+    Only the classes of :func:`from_torch` are allowed through the unpickler, so
+    loading a file cannot run code. Torch is an optional extra (``sheafdist[torch]``).
+    """
+    try:
+        import torch
+    except ImportError:
+        raise InputError(arg, path, "reading a PyTorch file needs torch: pip "
+                         "install 'sheafdist[torch]' (or give an .npz with --model)"
+                         ) from None
+    from torch import nn
+
+    allowed = [nn.Sequential, nn.Linear, nn.ReLU, nn.Sigmoid, nn.Softmax]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            seq = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(arg, path, "no such file") from None
+    except Exception as exc:  # unpickling refused, or not a torch file
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        reason = (f"it holds {refused[1]}, which is not allowed" if refused
+                  else f"unreadable by torch.load: {type(exc).__name__}: "
+                  + " ".join(str(exc).split())[:160])
+        raise InputError(arg, f"{path} ({reason})", "save an nn.Sequential of "
+                         "Linear and ReLU layers with torch.save(model, path)"
+                         ) from None
+    if not isinstance(seq, nn.Sequential):
+        raise InputError(arg, f"{path} holding a {type(seq).__name__}", "save the "
+                         "nn.Sequential itself with torch.save(model, path)")
+    return from_torch(seq, arg)

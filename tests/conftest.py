@@ -29,3 +29,19 @@ def golden_dir() -> Path:
             pytrace=False,
         )
     return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for the whole test session (it takes 5-10 s to start).
+
+    Tests that use Ray take this fixture; ``RayEngine`` and the CLI then find Ray
+    initialised and reuse it. It is shut down once, at the end of the session.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()

@@ -155,7 +155,7 @@ def bad_files(tmp_path, case241):
         ("pin", ["--pin", "'z7'", "a0, z1, a1, z2"]),
         ("soft-pin", ["--soft-pin", "gamma"]),
         ("negative dt", ["--dt", "positive"]),
-        ("async", ["--mode", "not implemented"]),
+        ("async", ["--mode", "--engine ray"]),
         ("steps and tol", ["--steps", "--tol"]),
         ("init", ["--init", "forward, random, zeros"]),
     ],

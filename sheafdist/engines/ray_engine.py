@@ -58,6 +58,8 @@ CALL_TIMEOUT = 60.0  # every ray.get in the driver has a timeout
 LATENCY_SAMPLES = 256  # per edge and report: enough for quantiles, bounded memory
 TRACE_LIMIT = 200_000  # trace records an actor holds between two drains
 ASYNC_POLL_SECONDS = 0.05  # how often the driver checks an async run's tolerance
+CHECKPOINT_EVERY = 1000  # rounds between the in-memory checkpoints of the blocks
+MAX_RECOVERIES = 3  # lost actors replaced in one run before it gives up
 
 
 def merge_stats(parts: list[RoundStats]) -> RoundStats:
@@ -81,11 +83,14 @@ class BlockActor:
     def __init__(
         self, index: int, block: Block, owner: dict[str, int], n_blocks: int,
         mode: str = "sync", max_staleness: int = 1, local_steps: int = 1,
-        trace: bool = False,
+        trace: bool = False, checkpoint_every: int = 0,
     ):
         self.index, self.block, self.owner = index, block, owner
         self.mode, self.max_staleness, self.tau = mode, max_staleness, local_steps
-        self.tracing = trace
+        self.tracing, self.checkpoint_every = trace, checkpoint_every
+        self.generation = 0  # bumped by every recovery; older messages are dropped
+        self.running = False
+        self.saved: list[tuple[int, tuple]] = []  # checkpoints not yet drained
         # arrays arrive as read-only views of Ray's object store: own them
         block.stalks = {v: s.copy() for v, s in block.stalks.items()}
         block.maps = {e: (w.copy(), b.copy()) for e, (w, b) in block.maps.items()}
@@ -130,8 +135,12 @@ class BlockActor:
 
     # ------------------------------------------------------------ messages
 
-    async def deliver(self, src: int, round_: int, payload: bytes) -> None:
+    async def deliver(
+        self, src: int, round_: int, payload: bytes, generation: int = 0
+    ) -> None:
         received = time.time()
+        if generation != self.generation:
+            return  # sent before a recovery rolled everyone back
         try:
             msgs = unpack(payload, self.edge_info, self.block.batch)
             for m in msgs:
@@ -185,7 +194,8 @@ class BlockActor:
                     for edge, v, other in items]
             if reduce is not None:
                 msgs.append(encode_reduce(self.index, round_, reduce))
-            self.neighbours[j].deliver.remote(self.index, round_, pack(msgs))
+            self.neighbours[j].deliver.remote(self.index, round_, pack(msgs),
+                                              self.generation)
             for (edge, v, _), m in zip(items, msgs, strict=False):
                 key = (edge, direction(self.graph.edges[edge], v), "remote")
                 add_traffic(self.traffic, key, 1, len(m["data"]))
@@ -265,16 +275,21 @@ class BlockActor:
             self.limit = divergence_limit(stats.energy)
         if diverged(stats, self.limit):
             raise DivergenceError("diverged", stats.energy)
+        if self.checkpoint_every and t % self.checkpoint_every == 0:
+            self.saved.append((t, self._state()))
         return stats
 
-    async def run(self, rounds: int, tol: float | None, min_rounds: int) -> dict:
-        """Advance ``rounds`` rounds, or until the tolerance rule stops the run."""
+    async def run(self, end: int, tol: float | None, first_check: int) -> dict:
+        """Advance to round ``end``, or until the tolerance rule stops the run
+        (checked from round ``first_check`` on). Rounds are absolute, so a run
+        resumed from a checkpoint takes the same decisions as the first try."""
         self.error, self.stop_requested = None, False
         self.latest.clear()
+        self.running = True
         try:
             if self.mode == "sync" and self.tau == 1:
-                return await self._run_sync(rounds, tol, min_rounds)
-            return await self._run_free(rounds)
+                return await self._run_sync(end, tol, first_check)
+            return await self._run_free(end)
         except DivergenceError as exc:
             await self.abort(str(exc))
             return {"index": self.index, "failed": "diverged", "error": str(exc),
@@ -282,10 +297,13 @@ class BlockActor:
         except RunError as exc:
             return {"index": self.index, "failed": "aborted", "error": str(exc),
                     "round": self.round}
+        finally:
+            self.running = False
+            async with self.cond:
+                self.cond.notify_all()
 
-    async def _run_sync(self, rounds: int, tol: float | None, min_rounds: int):
+    async def _run_sync(self, end: int, tol: float | None, first_check: int):
         block, start = self.block, self.round
-        end = start + rounds
         known: dict[int, dict[int, tuple[float, float]]] = {}
         snaps = {start: self._snapshot(self.stats)} if tol is not None else {}
         while True:
@@ -308,7 +326,7 @@ class BlockActor:
                     parts = known.pop(s)
                     change = max(mc for mc, _ in parts.values())
                     energy = sum(en for _, en in parts.values())
-                    converged = s - start >= min_rounds and change < tol
+                    converged = s >= first_check and change < tol
                     if converged or s == end:
                         self._restore(snaps[s])
                         self.round = s
@@ -324,17 +342,19 @@ class BlockActor:
         return {"index": self.index, "round": self.round, "converged": False,
                 "stats": self.stats}
 
-    async def _run_free(self, rounds: int) -> dict:
+    async def _run_free(self, end: int) -> dict:
         """Async mode, or local steps: each exchange, then tau rounds on what is
         held. The driver may stop the run early (its tolerance rule)."""
-        block, start = self.block, self.round
+        block = self.block
         received: dict = {}
         staleness: dict[str, int] = {}
-        while self.round < start + rounds and not self.stop_requested:
+        exchanged_at = self.round + 1
+        while self.round < end and not self.stop_requested:
             t = self.round + 1
             sent = block.send()
             self._count_local(t, sent)
-            exchange = (t - start - 1) % self.tau == 0
+            # every tau-th round, counted from 0, so all blocks exchange together
+            exchange = (t - 1) % self.tau == 0 or not received
             if exchange:
                 self._send(t, sent, None)
                 if self.mode == "sync":
@@ -360,13 +380,35 @@ class BlockActor:
 
     async def drain(self) -> dict:
         out = {"round": self.round, "stats": self.stats, "traffic": self.traffic,
-               "latency": self.latency, "trace": self.trace}
-        self.traffic, self.latency, self.trace = {}, {}, []
+               "latency": self.latency, "trace": self.trace, "saved": self.saved}
+        self.traffic, self.latency, self.trace, self.saved = {}, {}, [], []
         return out
 
-    async def state(self) -> tuple[dict, dict]:
+    def _state(self) -> tuple[dict, dict]:
         return ({v: s.copy() for v, s in self.block.stalks.items()},
                 {e: (w.copy(), c.copy()) for e, (w, c) in self.block.maps.items()})
+
+    async def state(self) -> tuple[dict, dict]:
+        return self._state()
+
+    async def ping(self) -> int:
+        return self.round
+
+    async def restore(self, round_: int, state: tuple[dict, dict],
+                      generation: int) -> None:
+        """Roll back to a checkpoint, once any interrupted run has returned."""
+        async with self.cond:
+            await self.cond.wait_for(lambda: not self.running)
+        stalks, maps = state
+        self.block.stalks = {v: np.array(x, dtype=np.float64) for v, x in
+                             stalks.items()}
+        self.block.maps = {e: (np.array(w), np.array(b)) for e, (w, b) in
+                           maps.items()}
+        self.round, self.generation = round_, generation
+        self.inbox.clear()
+        self.latest.clear()
+        self.saved.clear()
+        self.stats, self.error = None, None
 
     async def set_stalks(self, stalks: dict[str, np.ndarray]) -> None:
         for v in self.block.owned:
@@ -430,6 +472,10 @@ class TraceWriter:
         self.file.close()
 
 
+class ActorLost(RunError):
+    """An actor died; the engine can recover from its last checkpoint."""
+
+
 class RayEngine:
     name = "ray"
 
@@ -444,10 +490,11 @@ class RayEngine:
         local_steps: int = 1,
         trace: str | None = None,
         placement: str = "PACK",
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        max_recoveries: int = MAX_RECOVERIES,
     ):
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if mode not in MODES:
             raise InputError("--mode", repr(mode), f"use one of {', '.join(MODES)}")
@@ -456,9 +503,11 @@ class RayEngine:
         if not isinstance(local_steps, int) or local_steps < 1:
             raise InputError("--local-steps", local_steps, "give an integer >= 1")
         self.problem, self.observer, self.mode = problem, observer, mode
-        self.local_steps = local_steps
+        self.local_steps, self.max_recoveries = local_steps, max_recoveries
         self.blocks = make_partition(problem.graph, partition)
-        owner = {v: i for i, vs in enumerate(self.blocks) for v in vs}
+        self.owner = {v: i for i, vs in enumerate(self.blocks) for v in vs}
+        self._actor_args = (mode, max_staleness, local_steps, trace is not None,
+                            checkpoint_every)
         self.trace = TraceWriter(trace) if trace else None
         init_ray(address)
         # a placement group reserves a slot for every actor before any starts, so
@@ -471,19 +520,27 @@ class RayEngine:
             ray.util.remove_placement_group(self.group)
             raise RunError(f"ray: the cluster has no room for {len(self.blocks)} "
                            "actors (placement group not ready)") from None
-        remote = ray.remote(num_cpus=0.01, max_restarts=0)(BlockActor)
-        self.actors = [
-            remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.group, placement_group_bundle_index=i,
-            )).remote(i, problem.block(vs), owner, len(self.blocks), mode,
-                      max_staleness, local_steps, trace is not None)
-            for i, vs in enumerate(self.blocks)
-        ]
-        handles = dict(enumerate(self.actors))
-        self.placement = self._get([a.connect.remote(handles) for a in self.actors])
-        self.rounds = 0
+        self._remote = ray.remote(num_cpus=0.01, max_restarts=0)(BlockActor)
+        self.actors = [self._spawn(i) for i in range(len(self.blocks))]
+        self.placement = self._connect()
+        self.rounds, self.generation, self.recoveries = 0, 0, 0
+        self.checkpoint: tuple[int, list] | None = None
+        self._partial: dict[int, dict[int, tuple]] = {}  # round -> actor -> state
         log.debug("ray engine: %d actors, partition %s, mode %s", len(self.actors),
                   partition, mode)
+
+    def _spawn(self, i: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=i)
+        return self._remote.options(scheduling_strategy=strategy).remote(
+            i, self.problem.block(self.blocks[i]), self.owner, len(self.blocks),
+            *self._actor_args)
+
+    def _connect(self) -> list[dict]:
+        handles = dict(enumerate(self.actors))
+        return self._get([a.connect.remote(handles) for a in self.actors])
 
     @property
     def n_actors(self) -> int:
@@ -498,20 +555,29 @@ class RayEngine:
             raise RunError(f"ray: no answer from the actors within {timeout:.0f}s") \
                 from None
         except ray.exceptions.RayActorError as exc:
-            raise RunError(f"ray: an actor died ({exc.__class__.__name__}); the run "
-                           "cannot continue") from None
+            raise ActorLost(f"ray: an actor died ({exc.__class__.__name__})") \
+                from None
 
     def _report(self) -> tuple[int, float]:
-        """Hand the actors' statistics to the observer; return the slowest actor's
-        round and the largest latest change."""
+        """Hand the actors' statistics to the observer and file their checkpoints;
+        return the slowest actor's round and the largest latest change."""
         drained = self._get([a.drain.remote() for a in self.actors])
         parts = [d["stats"] for d in drained if d["stats"] is not None]
         traffic: Traffic = {}
-        for d in drained:
+        for i, d in enumerate(drained):
             for key, (count, nbytes) in d["traffic"].items():
                 add_traffic(traffic, key, count, nbytes)
             if self.trace is not None and d["trace"]:
                 self.trace.write(d["trace"])
+            for r, state in d["saved"]:
+                self._partial.setdefault(r, {})[i] = state
+        complete = [r for r, got in self._partial.items()
+                    if len(got) == len(self.actors)]
+        if complete:
+            r = max(complete)
+            got = self._partial[r]
+            self.checkpoint = (r, [got[i] for i in range(len(self.actors))])
+            self._partial = {k: v for k, v in self._partial.items() if k > r}
         stats = merge_stats(parts)
         stats.latency = {}
         for d in drained:
@@ -526,10 +592,46 @@ class RayEngine:
     def run(
         self, rounds: int, tol: float | None = None, min_rounds: int = MIN_ROUNDS
     ) -> RunResult:
+        """Advance ``rounds`` rounds (or to ``tol``). An actor that dies is
+        replaced and every block rolls back to the last complete checkpoint; the
+        run then goes on to the result an uninterrupted run would give."""
+        start, base = time.perf_counter(), self.rounds
+        end, first_check = base + rounds, base + min_rounds
+        # a checkpoint at the start: recovery never rolls back past this run
+        self.checkpoint, self._partial = (base, self._states()), {}
+        for attempt in range(self.max_recoveries + 1):
+            try:
+                results = self._run_once(end, tol, first_check)
+                break
+            except ActorLost as exc:
+                if attempt == self.max_recoveries:
+                    raise RunError(f"{exc}; gave up after {attempt} recoveries") \
+                        from None
+                self._recover(exc)
+        stats = merge_stats([r["stats"] for r in results if r["stats"] is not None])
+        if self._free_running():
+            # async actors end at slightly different rounds: label them alike
+            final = max(r["round"] for r in results)
+            self._get([a.set_round.remote(final) for a in self.actors])
+            converged = tol is not None and stats.max_change < tol
+            final_change, energy = stats.max_change, stats.energy
+        else:
+            final = results[0]["round"]
+            converged = bool(results[0]["converged"])
+            final_change = results[0].get("final_change", stats.max_change)
+            energy = results[0].get("energy", stats.energy)
+        self.rounds = final
+        return RunResult(
+            stalks=self.stalks(), model=self.model(), rounds=final - base,
+            converged=converged, final_change=final_change, energy=energy,
+            discord=dict(stats.discord), flips=sum(stats.flips.values()),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _run_once(self, end: int, tol: float | None, first_check: int) -> list[dict]:
         import ray
 
-        start, first = time.perf_counter(), self.rounds
-        refs = [a.run.remote(rounds, tol, min_rounds) for a in self.actors]
+        refs = [a.run.remote(end, tol, first_check) for a in self.actors]
         free = self._free_running()
         poll = ASYNC_POLL_SECONDS if (free and tol is not None) else REPORT_SECONDS
         pending, last_round, last_progress = list(refs), -1, time.monotonic()
@@ -545,8 +647,8 @@ class RayEngine:
                 continue
             reached, change = self._report()
             next_report = now + REPORT_SECONDS
-            if (free and tol is not None and not stopped
-                    and reached - first >= min_rounds and change < tol):
+            if (free and tol is not None and not stopped and reached >= first_check
+                    and change < tol):
                 self._get([a.stop.remote() for a in self.actors])
                 stopped = True
             if reached > last_round:
@@ -560,31 +662,31 @@ class RayEngine:
         self._report()
         failed = [r for r in results if "failed" in r]
         if failed:
-            first_fail = next((r for r in failed if r["failed"] == "diverged"),
-                              failed[0])
-            if first_fail["failed"] == "diverged":
-                raise divergence_error(self.problem, first_fail["round"] + 1,
-                                       first_fail.get("energy", float("nan")))
-            raise RunError(first_fail["error"])
-        stats = merge_stats([r["stats"] for r in results if r["stats"] is not None])
-        if free:
-            # async actors end at slightly different rounds: label them alike
-            final = max(r["round"] for r in results)
-            self._get([a.set_round.remote(final) for a in self.actors])
-            converged = tol is not None and stats.max_change < tol
-            final_change, energy = stats.max_change, stats.energy
-        else:
-            final = results[0]["round"]
-            converged = bool(results[0]["converged"])
-            final_change = results[0].get("final_change", stats.max_change)
-            energy = results[0].get("energy", stats.energy)
-        taken, self.rounds = final - self.rounds, final
-        return RunResult(
-            stalks=self.stalks(), model=self.model(), rounds=taken,
-            converged=converged, final_change=final_change, energy=energy,
-            discord=dict(stats.discord), flips=sum(stats.flips.values()),
-            seconds=time.perf_counter() - start,
-        )
+            first = next((r for r in failed if r["failed"] == "diverged"), failed[0])
+            if first["failed"] == "diverged":
+                raise divergence_error(self.problem, first["round"] + 1,
+                                       first.get("energy", float("nan")))
+            raise RunError(first["error"])
+        return results
+
+    def _recover(self, cause: Exception) -> None:
+        """Replace dead actors and roll every block back to the checkpoint."""
+        import ray
+
+        r, states = self.checkpoint
+        self.generation += 1
+        self.recoveries += 1
+        log.warning("ray: %s; recovering from the checkpoint of round %d", cause, r)
+        for i, a in enumerate(self.actors):
+            try:
+                ray.get(a.abort.remote("recovering from a lost actor"), timeout=10)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.kill(a)
+                self.actors[i] = self._spawn(i)
+        self._get([a.restore.remote(r, states[i], self.generation)
+                   for i, a in enumerate(self.actors)])
+        self.placement = self._connect()
+        self.rounds, self._partial = r, {}
 
     def _free_running(self) -> bool:
         """Whether the actors run without the exact sync protocol."""

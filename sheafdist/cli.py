@@ -77,6 +77,7 @@ positive_float = _number(float, lambda v: v > 0, "a positive number")
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
 seed_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+unit_float = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def port_int(text: str) -> int:
@@ -126,6 +127,7 @@ def build_parser() -> Parser:
     infer.add_argument("--output-edge", choices=("jacobian", "identity"),
                        default="jacobian",
                        help="restriction of a nonlinear output edge (default jacobian)")
+    _scheme_options(infer)
     _engine_options(infer, DEFAULT_INFER_ENGINE)
     infer.add_argument("--metrics-port", type=port_int, metavar="P",
                        help="serve Prometheus metrics on 127.0.0.1:P (0: a free port)")
@@ -187,6 +189,7 @@ def build_parser() -> Parser:
                        help="training examples drawn for --task (default 300)")
     train.add_argument("--n-test", type=nonnegative_int, default=100,
                        help="test examples drawn for --task (default 100)")
+    _scheme_options(train)
     _engine_options(train, DEFAULT_TRAIN_ENGINE)
     keep = train.add_mutually_exclusive_group()
     keep.add_argument("--checkpoint", metavar="DIR",
@@ -194,6 +197,13 @@ def build_parser() -> Parser:
                       "loss.png (default runs/<task>-<timestamp>)")
     keep.add_argument("--no-checkpoint", action="store_true",
                       help="write no checkpoint, plot or model file")
+    keep.add_argument("--resume", metavar="DIR",
+                      help="continue the run whose checkpoint is in DIR (or the "
+                      "checkpoint file DIR) with its configuration, to the weights "
+                      "an unbroken run reaches")
+    train.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                       help="write the checkpoint every N rounds (default: every "
+                       "epoch) and at the end")
     train.add_argument("--out", metavar="MODEL.npz", help="write the trained weights")
     train.add_argument("--metrics-port", type=port_int, metavar="P",
                        help="serve Prometheus metrics on 127.0.0.1:P (0: a free port)")
@@ -217,6 +227,10 @@ def build_parser() -> Parser:
                            description="Messages, bytes and latency per edge and "
                            "per pair of actors, from a trace written by --trace.")
     trace.add_argument("file", metavar="FILE", help="the trace file")
+    trace.add_argument("--model", metavar="MODEL.npz",
+                       help="also check locality against this model's sheaf: every "
+                       "message joins its edge's two ends, every weight update "
+                       "reads its own edge only (exit 1 on a violation)")
     trace.add_argument("--json", action="store_true",
                        help="print one JSON object on stdout")
     _common(trace)
@@ -228,11 +242,41 @@ def cmd_trace(args) -> int:
     from .trace import format_summary, read_trace, summarise
 
     summary = summarise(read_trace(args.file))
+    bad = []
+    if args.model:
+        from .model import load_model
+        from .sheaf import build_graph
+        from .trace import locality_violations
+
+        model = load_model(args.model)
+        graph = build_graph(model.arch, model.output)
+        bad = locality_violations(read_trace(args.file), graph)
+        summary["locality_violations"] = len(bad)
+        summary["locality_examples"] = bad[:5]
     if args.json:
         _print_json(summary)
     else:
         print("\n".join(format_summary(summary)))
-    return 0
+        if args.model:
+            print(f"locality: {len(bad)} violations" + (
+                f", first: {bad[0]}" if bad else ""))
+    return 1 if bad else 0
+
+
+def _scheme_options(p: argparse.ArgumentParser) -> None:
+    from .schemes import SCHEMES
+
+    p.add_argument("--scheme", choices=SCHEMES, default="euler",
+                   help="time stepping: euler (the paper's, default), momentum "
+                   "(heavy ball), local (a step per vertex from local bounds; "
+                   "ignores --dt, --alpha), local-momentum, red-black (block "
+                   "relaxation, a sweep per two rounds)")
+    p.add_argument("--momentum", type=unit_float, metavar="MU",
+                   help="heavy-ball momentum in [0, 1) for --scheme momentum or "
+                   "local-momentum (default 0.9 and 0.8)")
+    p.add_argument("--omega", type=positive_float, metavar="W",
+                   help="relaxation factor of --scheme local, local-momentum (in "
+                   "(0, 1), default 0.9) or red-black (in (0, 2), default 1.8)")
 
 
 def _engine_options(p: argparse.ArgumentParser, default: str) -> None:
@@ -279,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except InputError as exc:
-        _error(str(exc))
+        _error(str(exc) + _auth_hint(exc))
         return 2
     except SheafdistError as exc:
         _error(str(exc))
@@ -295,6 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         restore()
+
+
+def _auth_hint(exc: InputError) -> str:
+    """Ray refuses a driver without the cluster's token in the same words as an
+    absent cluster: say so when joining one fails."""
+    if exc.arg != "--address" or "no Ray cluster answers" not in str(exc):
+        return ""
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        return ("; with token authentication, check that RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token holds the cluster's token")
+    return ("; if the cluster uses token authentication, set RAY_AUTH_MODE=token "
+            "and its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+            "~/.ray/auth_token")
 
 
 def _error(message: str) -> None:
@@ -363,10 +420,33 @@ def _check_mode(args) -> None:
         for flag, value, default in (("--mode", args.mode, "sync"),
                                      ("--max-staleness", args.max_staleness, 1),
                                      ("--local-steps", args.local_steps, 1),
-                                     ("--trace", args.trace, None)):
+                                     ("--trace", args.trace, None),
+                                     ("--address", args.address, None),
+                                     ("--partition", args.partition, "layer")):
             if value != default:
                 raise InputError(flag, value, "it applies to the Ray engine; add "
                                  "--engine ray")
+
+
+def _check_writable(path: str | None, arg: str, folder: bool = False) -> None:
+    """Refuse, before anything runs, an output path that cannot be written: a
+    folder where a file goes (or the reverse), a parent that is a file, or a
+    parent folder without write permission."""
+    if path is None:
+        return
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(arg, path, "it is a file; give a folder")
+    if not folder and os.path.isdir(path):
+        raise InputError(arg, path, "it is a folder; give a file name in it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(arg, path, f"{parent} is a file, not a folder; give "
+                         "another path")
+    target = path if folder and os.path.isdir(path) else parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise InputError(arg, path, f"{target} is not writable; give another path")
 
 
 def _engine_options_of(args) -> dict:
@@ -375,6 +455,23 @@ def _engine_options_of(args) -> dict:
     return {"partition": args.partition, "mode": args.mode, "address": args.address,
             "max_staleness": args.max_staleness, "local_steps": args.local_steps,
             "trace": args.trace}
+
+
+def _scheme_of(args) -> dict:
+    """The scheme's Config fields, checked now: one line naming the option."""
+    from .rules import Config
+    from .schemes import settings
+
+    scheme = {"scheme": args.scheme, "momentum": args.momentum,
+              "omega": args.omega}
+    settings(Config(**scheme))  # raises an InputError naming the option
+    return scheme
+
+
+def _explicit(args) -> bool:
+    """Whether the scheme steps by ``alpha*dt`` (its stable bound is Euler's;
+    the local schemes take steps from local bounds and ignore --dt)."""
+    return args.scheme in ("euler", "momentum")
 
 
 def _check_partition(graph, spec: str) -> None:
@@ -483,6 +580,7 @@ def cmd_infer(args) -> int:
         raise InputError("--steps", args.steps, "give either --steps N or --tol T "
                          "--max-steps N, not both")
     tol = None if args.steps is not None else (args.tol or DEFAULT_TOL)
+    _check_writable(args.out, "--out")
     rounds = args.steps or args.max_steps or DEFAULT_MAX_STEPS
 
     model = load_model(args.model, "--model")
@@ -493,10 +591,11 @@ def cmd_infer(args) -> int:
     init = _load_init(args.init)
     _check_partition(graph, args.partition)
     gamma = max((p.gamma for p in soft), default=0.0)
-    _check_stable(args.alpha, args.dt, _stable_bound(model, x, gamma))
+    if _explicit(args):
+        _check_stable(args.alpha, args.dt, _stable_bound(model, x, gamma))
 
     config = Config(alpha=args.alpha, dt=args.dt, beta=0.0,
-                    output_edge=args.output_edge)
+                    output_edge=args.output_edge, **_scheme_of(args))
     problem = inference_problem(model, x, config, init, args.seed, hard, soft)
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     metrics = _metrics(args, graph, {"command": "infer", "engine": args.engine,
@@ -543,6 +642,7 @@ def cmd_infer(args) -> int:
         "seconds": result.seconds,
         "total_seconds": total,
         "engine": args.engine,
+        "scheme": args.scheme,
     }
     from .diagnostics import rate_check  # paper.md 3.3, check 5
 
@@ -590,9 +690,13 @@ def cmd_train(args) -> int:
     from .sgd import sgd_train
     from .sheaf import build_graph
     from .tasks import TASKS, load_data, make_task
-    from .training import train_sheaf
+    from .training import save_sgd_state, train_sheaf
 
+    resume = _resume_args(args) if args.resume else None
     _check_mode(args)
+    if args.checkpoint_every and args.no_checkpoint:
+        raise InputError("--checkpoint-every", args.checkpoint_every, "it sets how "
+                         "often checkpoints are written; drop --no-checkpoint")
     task_name = args.task or (None if args.data else "paraboloid")
     task = TASKS[task_name] if task_name else None
 
@@ -627,6 +731,8 @@ def cmd_train(args) -> int:
         else:
             arch = [n_in, 30, n_out]
         model = he_init(arch, args.seed, output)
+    if resume is not None and resume["initial"] is not None:
+        model = resume["initial"]  # what the run started from (SGD starts there)
     check_model(model, "--model" if args.model else "--arch")
     if arch[0] != n_in or arch[-1] != n_out:
         raise InputError(
@@ -650,12 +756,14 @@ def cmd_train(args) -> int:
     init_text = args.init or (task.init if task else "random")
     warm_start = args.warm_start if args.warm_start is not None else (
         task.warm_start if task else init_text != "forward")
-    init = _load_init(init_text)
-    config = Config(alpha=alpha, dt=dt, beta=beta)
+    # a resumed run takes its stalks from the checkpoint
+    init = _load_init(init_text) if resume is None else "forward"
+    config = Config(alpha=alpha, dt=dt, beta=beta, **_scheme_of(args))
 
     # checks before anything runs
     identity = MLP(model.W, model.b, "identity")
-    _check_stable(alpha, dt, _stable_bound(identity, data.X_train, 1.0))
+    if _explicit(args):
+        _check_stable(alpha, dt, _stable_bound(identity, data.X_train, 1.0))
     graph = build_graph(arch, "identity")
     _check_partition(graph, args.partition)
     if isinstance(init, dict):  # a state file: its shapes, before anything runs
@@ -665,6 +773,11 @@ def cmd_train(args) -> int:
     folder = None
     if not args.no_checkpoint:
         folder = args.checkpoint or _default_run_dir(name)
+    _check_writable(folder, "--resume" if args.resume else "--checkpoint", True)
+    _check_writable(args.out, "--out")
+    if args.checkpoint_every and args.checkpoint_every > epochs * steps_per_epoch:
+        raise InputError("--checkpoint-every", args.checkpoint_every, f"the run has "
+                         f"{epochs * steps_per_epoch} rounds; give at most that")
     steps = epochs * steps_per_epoch
     progress = args.progress if args.progress is not None else True
     say = _say if progress else None
@@ -695,7 +808,14 @@ def cmd_train(args) -> int:
                 seed=args.seed + STALK_SEED_OFFSET, warm_start=warm_start,
                 observer=metrics.observe if metrics else None, on_epoch=on_epoch,
                 on_start=on_start, checkpoint_dir=folder, progress=say,
-                run_info={"task": name, "seed": args.seed, "sgd_lr": sgd_lr},
+                run_info={"task": name, "seed": args.seed, "sgd_lr": sgd_lr,
+                          **_run_inputs(args, {
+                              "task_name": task_name, "init_text": init_text,
+                              "warm_start": warm_start, "output": output,
+                              "arch": ",".join(map(str, arch)), "epochs": epochs,
+                              "steps_per_epoch": steps_per_epoch, "dt": dt,
+                              "alpha": alpha, "beta": beta, "sgd_lr": sgd_lr})},
+                checkpoint_every=args.checkpoint_every, resume=resume,
             )
         except (SheafdistError, KeyboardInterrupt):
             if folder and os.path.exists(os.path.join(folder, "checkpoint.npz")):
@@ -708,16 +828,29 @@ def cmd_train(args) -> int:
                 say(f"baseline: SGD, {steps} full-batch steps, lr {sgd_lr:g}")
             sgd_start = time.perf_counter()
 
+            # a run stopped during the baseline goes on from its last step
+            done = (resume or {}).get("sgd") or {"model": model, "step": 0,
+                                                  "history": None}
+            sgd_history = done["history"] or {"step": [], "train_loss": [],
+                                              "test_loss": []}
+
             def on_sgd(step, m, train, test) -> None:
                 if metrics is not None:
                     metrics.set_loss("sgd", "train", train)
                     if not math.isnan(test):
                         metrics.set_loss("sgd", "test", test)
+                if folder:
+                    save_sgd_state(folder, m, step, sgd_history)
 
             sgd_model, sgd_history = sgd_train(
-                model, data.X_train, data.Y_train, sgd_lr, steps, steps_per_epoch,
-                data.X_test, data.Y_test, callback=on_sgd,
+                done["model"], data.X_train, data.Y_train, sgd_lr, steps,
+                steps_per_epoch, data.X_test, data.Y_test, callback=on_sgd,
+                start_step=done["step"], history=sgd_history,
             )
+            if not math.isfinite(sgd_history["train_loss"][-1]):
+                _say(f"baseline: SGD diverged (train loss "
+                     f"{sgd_history['train_loss'][-1]}) with lr {sgd_lr:g}; lower "
+                     "--sgd-lr (the JSON report holds null for it)")
             sgd = {"history": sgd_history, "seconds": time.perf_counter() - sgd_start,
                    "model": sgd_model}
     finally:
@@ -746,6 +879,7 @@ def cmd_train(args) -> int:
         "task": name, "arch": arch, "output": output, "epochs": epochs,
         "steps_per_epoch": steps_per_epoch, "steps": steps, "dt": dt,
         "alpha": alpha, "beta": beta, "seed": args.seed, "engine": args.engine,
+        "scheme": args.scheme,
         "sheaf": {
             "train_loss": sheaf.history["train_loss"][-1],
             "test_loss": sheaf.history["test_loss"][-1],
@@ -781,6 +915,89 @@ def _default_run_dir(name: str) -> str:
         n += 1
         folder = os.path.join("runs", f"{name}-{stamp}-{n}")
     return folder
+
+
+# options a resumed run may set; every other one comes from the checkpoint
+RESUME_OPTIONS = ("command", "func", "resume", "json", "progress", "verbose",
+                  "metrics_port", "metrics_host", "out", "address", "trace")
+# the checkpoint's configuration key of each option that defines a run
+RESUMED = ("task_name", "data", "data_seed", "n_train", "n_test", "arch", "output",
+           "init_text", "warm_start", "epochs", "steps_per_epoch", "dt", "alpha",
+           "beta", "sgd_lr", "baseline", "seed", "scheme", "momentum", "omega",
+           "engine", "partition", "mode", "max_staleness", "local_steps",
+           "checkpoint_every")
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _run_inputs(args, resolved: dict) -> dict:
+    """What `train --resume` needs to rebuild the run: every option that defines
+    it, with the defaults resolved (``resolved``), under the key ``cli``."""
+    out = {k: resolved[k] if k in resolved else getattr(args, k) for k in RESUMED}
+    if args.data:
+        out["data"] = os.path.abspath(args.data)
+        out["data_sha256"] = _file_digest(args.data)
+    return {"cli": out}
+
+
+def _resume_args(args) -> dict:
+    """Read the checkpoint of ``--resume``, refuse options that would change the
+    run, and fill ``args`` from the checkpoint's configuration."""
+    from .files import read_npz
+    from .training import (
+        CHECKPOINT,
+        checkpoint_path,
+        load_checkpoint,
+        write_checkpoint,
+    )
+
+    path = checkpoint_path(args.resume)
+    if not os.path.exists(path):
+        what = "a folder without checkpoint.npz" if os.path.isdir(args.resume) \
+            else "no such folder or file"
+        raise InputError("--resume", f"{args.resume} ({what})", "give the folder "
+                         "of a run's checkpoint (its --checkpoint DIR) or the "
+                         "checkpoint file")
+    defaults = build_parser().parse_args(["train"])
+    for key, value in vars(args).items():
+        if key not in RESUME_OPTIONS and value != getattr(defaults, key, value):
+            flag = "--" + key.replace("_", "-")
+            raise InputError(flag, value, "a resumed run keeps the configuration "
+                             "of its checkpoint; drop it, or start a new run")
+    ckpt = load_checkpoint(path, "--resume")
+    cfg = ckpt["config"].get("cli")
+    missing = list(RESUMED) if not isinstance(cfg, dict) else \
+        [k for k in RESUMED if k not in cfg]
+    if missing:
+        raise InputError("--resume", f"{path} without {', '.join(missing)} in its "
+                         "configuration", "it was not written by `sheafdist train`; "
+                         "start a new run")
+    if cfg.get("data"):
+        if not os.path.exists(cfg["data"]) or \
+                _file_digest(cfg["data"]) != cfg.get("data_sha256"):
+            raise InputError("--resume", f"{path}, trained on {cfg['data']}",
+                             "that data file is missing or changed since the "
+                             "checkpoint; put the original back")
+    for key in RESUMED:
+        setattr(args, "task" if key == "task_name" else
+                "init" if key == "init_text" else key, cfg[key])
+    folder = os.path.dirname(os.path.abspath(path))
+    args.checkpoint, args.no_checkpoint = folder, False
+    current = os.path.join(folder, CHECKPOINT)
+    if os.path.abspath(path) != current:
+        # resuming from an older file: it becomes the current checkpoint (a
+        # damaged current one is replaced; checkpoint.prev.npz stays as it is)
+        write_checkpoint(folder, read_npz(path, "--resume"), keep_previous=False)
+    ckpt["trusted"] = True
+    _say(f"train: resuming {path} at round {ckpt['round']} (epoch "
+         f"{ckpt['epoch']})" + (f", SGD step {ckpt['sgd']['step']}"
+                                if ckpt["sgd"] else ""))
+    return ckpt
 
 
 def _paper_protocol(arch, output, dt, alpha, beta, n_train, sgd_lr, init, warm,

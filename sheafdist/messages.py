@@ -99,7 +99,7 @@ def unpack(
 def _field(msg: dict, key: str, kind: type | tuple[type, ...]):
     if key not in msg:
         raise MessageError(f"field {key!r}: missing from a message with keys "
-                           f"{sorted(msg)[:8]}")
+                           f"{sorted(map(repr, msg))[:8]}")
     value = msg[key]
     if isinstance(value, bool) or not isinstance(value, kind):
         raise MessageError(f"field {key!r}: expected {kind}, got {value!r:.60}")

@@ -6,7 +6,7 @@ Both engines start from a :class:`Problem`; a partition then cuts it into
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -146,5 +146,5 @@ def training_problem(
     graph.output = model.output  # phi still shapes the pull towards the label
     stalks = initial_stalks(model, graph, x, init, seed)
     hard = with_input_pin(x, [], [])
-    cfg = Config(config.alpha, config.dt, config.beta, "identity")
+    cfg = replace(config, output_edge="identity")  # keeps the scheme
     return Problem(graph, model.copy(), stalks, cfg, hard, [], np.asarray(y, float))

@@ -327,10 +327,14 @@ class Block:
             disc[e] = self._dflat[offset: offset + n * batch].reshape(n, batch)
             offset += n * batch
         local_ops, remote = [], []
+        # which edge values form each discrepancy: a trace shows them for the
+        # weight updates (an update reads its own edge only)
+        self.reads: dict[str, list[tuple[str, str]]] = {}
         for name in names:
             e = self.edges[name]
-            head = sent.get((name, e.head), (name, e.head))
-            tail = sent.get((name, e.tail), (name, e.tail))
+            self.reads[name] = [(name, e.head), (name, e.tail)]
+            head = sent.get(self.reads[name][0], self.reads[name][0])
+            tail = sent.get(self.reads[name][1], self.reads[name][1])
             if isinstance(head, tuple) or isinstance(tail, tuple):
                 remote.append((disc[name], head, tail))
             else:
@@ -369,11 +373,13 @@ class Block:
                                             rows(pin.coords), pin.gamma, pin.target))
         self._step_ops = step_ops
 
-        # learning: each owned map's gradient buffers
+        # learning: each owned map's gradient buffers; the update of a map reads
+        # its edge's discrepancy and its owner's stalk, the edge's tail
         self._learn_plan = []
         if cfg.beta:
             for name, (w, b) in self._maps.items():
                 tail = views[self.edges[name].tail]
+                self.reads[name] = [*self.reads[name], ("stalk", self.edges[name].tail)]
                 self._learn_plan.append(
                     (name, w, b, disc[name], tail, np.empty_like(w), np.empty_like(b))
                 )

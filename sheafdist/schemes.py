@@ -59,6 +59,10 @@ def settings(config) -> tuple[str, float, float]:
             and config.momentum != 0.0:
         raise InputError("--momentum", f"{config.momentum:g} with --scheme {name}",
                          "use --scheme momentum or local-momentum")
+    if config.omega is not None and name not in DEFAULT_OMEGA:
+        raise InputError("--omega", f"{config.omega:g} with --scheme {name}",
+                         "it applies to --scheme local, local-momentum or "
+                         "red-black; drop --omega or change --scheme")
     if not 0.0 <= mu < 1.0:
         raise InputError("--momentum", f"{mu:g}", "give a value in [0, 1)")
     top = 2.0 if name == "red-black" else 1.0

@@ -70,6 +70,8 @@ def sgd_train(
     X_test: np.ndarray | None = None,
     Y_test: np.ndarray | None = None,
     callback: SGDCallback | None = None,
+    start_step: int = 0,
+    history: dict[str, list] | None = None,
 ) -> tuple[MLP, dict[str, list]]:
     """Take ``steps`` full-batch steps ``theta -= lr * grad L(theta)`` from a copy
     of ``model``.
@@ -77,13 +79,20 @@ def sgd_train(
     Losses are logged at step 0, every ``log_every`` steps and after the last step.
     Returns the trained copy and the history ``{"step", "train_loss", "test_loss"}``
     (lists; the test loss is NaN without test data).
+
+    To resume, pass the weights reached at ``start_step`` as ``model`` and the
+    history so far: the run then takes steps ``start_step+1 .. steps`` and appends
+    to ``history`` (the same dict), giving what an unbroken run gives.
     """
     if steps < 0 or log_every < 1:
         raise ValueError(
             f"need steps >= 0 and log_every >= 1, got {steps} and {log_every}"
         )
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"need 0 <= start_step <= steps, got {start_step}")
     model = model.copy()
-    history: dict[str, list] = {"step": [], "train_loss": [], "test_loss": []}
+    if history is None:
+        history = {"step": [], "train_loss": [], "test_loss": []}
 
     def log(step: int) -> None:
         train = loss(model, X, Y)
@@ -94,8 +103,9 @@ def sgd_train(
         if callback is not None:
             callback(step, model, train, test)
 
-    log(0)
-    for step in range(1, steps + 1):
+    if start_step == 0:
+        log(0)
+    for step in range(start_step + 1, steps + 1):
         dW, db = gradients(model, X, Y)
         for layer in range(model.depth):
             model.W[layer] = model.W[layer] - lr * dW[layer]

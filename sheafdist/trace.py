@@ -1,8 +1,12 @@
 """Message traces: reading a ``--trace`` file, summarising it, checking locality.
 
-A trace is a msgpack stream of maps, one per message, written by the Ray engine:
-``round, edge, src, dst, bytes, sent, received, transport`` (``local`` for a call
-inside one actor, ``remote`` between actors), ``src_block`` and ``dst_block``.
+A trace is a msgpack stream of maps written by the Ray engine. A message record
+(``kind`` ``message``) holds ``round, edge, src, dst, bytes, sent, received,
+transport`` (``local`` for a call inside one actor, ``remote`` between actors),
+``src_block`` and ``dst_block``. In training, a weight-update record (``kind``
+``update``) holds ``round, edge, block, time`` and ``reads``: the edge values
+``[edge, vertex]`` and the stalk ``["stalk", vertex]`` the update of that edge's
+map was computed from.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from .sheaf import SheafGraph
 
 FIELDS = ("round", "edge", "src", "dst", "bytes", "sent", "received", "transport",
           "src_block", "dst_block")
+UPDATE_FIELDS = ("round", "edge", "block", "time", "reads")
+
+
+def is_update(record: dict) -> bool:
+    return record.get("kind") == "update"
 
 
 def read_trace(path: str) -> Iterator[dict]:
@@ -31,10 +40,14 @@ def read_trace(path: str) -> Iterator[dict]:
                                     max_buffer_size=1 << 24)
         try:
             for n, record in enumerate(unpacker):
-                if not isinstance(record, dict) or not set(FIELDS) <= set(record):
+                need = UPDATE_FIELDS if isinstance(record, dict) and is_update(
+                    record) else FIELDS
+                if not isinstance(record, dict) or not set(need) <= set(record):
                     raise InputError("FILE", f"{path}, record {n} = {record!r:.80}",
                                      "give a trace written by --trace")
                 yield record
+        except InputError:  # a ValueError too: keep its record and reason
+            raise
         except (msgpack.UnpackException, ValueError) as exc:
             raise InputError("FILE", f"{path} ({exc.__class__.__name__})",
                              "give a trace written by --trace") from None
@@ -46,8 +59,12 @@ def summarise(records) -> dict:
                                  "latency": []})
     pairs = defaultdict(lambda: {"messages": 0, "bytes": 0})
     rounds = set()
-    total = {"messages": 0, "bytes": 0, "remote_messages": 0, "remote_bytes": 0}
+    total = {"messages": 0, "bytes": 0, "remote_messages": 0, "remote_bytes": 0,
+             "updates": 0}
     for r in records:
+        if is_update(r):
+            total["updates"] += 1
+            continue
         e = edges[r["edge"]]
         e["messages"] += 1
         e["bytes"] += r["bytes"]
@@ -85,11 +102,20 @@ def summarise(records) -> dict:
 
 
 def locality_violations(records, graph: SheafGraph) -> list[dict]:
-    """Records whose message does not run along its edge between its two ends."""
+    """Records that break locality: a message that does not run along its edge
+    between the edge's two ends, or a weight update that read anything but its
+    own edge's two values and the stalk of the vertex that owns the map."""
     bad = []
     for r in records:
         e = graph.edges.get(r["edge"])
-        if e is None or {r["src"], r["dst"]} != {e.tail, e.head}:
+        if e is None:
+            bad.append(r)
+        elif is_update(r):
+            allowed = {(e.name, e.head), (e.name, e.tail), ("stalk", e.tail)}
+            reads = {tuple(x) for x in r["reads"]}
+            if e.kind != "affine" or not reads or not reads <= allowed:
+                bad.append(r)
+        elif {r["src"], r["dst"]} != {e.tail, e.head} or r["src"] == r["dst"]:
             bad.append(r)
     return bad
 
@@ -99,7 +125,7 @@ def format_summary(s: dict) -> list[str]:
         f"{s['messages']} messages, {s['bytes']} bytes over {s['rounds']} rounds "
         f"({s['messages_per_round']:.1f} messages, {s['bytes_per_round']:.0f} bytes "
         f"per round); remote: {s['remote_messages']} messages, {s['remote_bytes']} "
-        "bytes",
+        f"bytes; {s['updates']} weight updates",
         f"{'edge':<6} {'messages':>9} {'remote':>8} {'bytes':>12} {'p50 ms':>8} "
         f"{'p95 ms':>8}",
     ]

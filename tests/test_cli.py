@@ -221,7 +221,8 @@ def test_train_json_reports_losses_and_writes_files(capsys, tmp_path):
         sheaf["train_loss"], rel=1e-12)
     assert loss(model, data.X_test, data.Y_test) == pytest.approx(
         sheaf["test_loss"], rel=1e-12)
-    assert sorted(os.listdir(folder)) == ["checkpoint.npz", "loss.png", "model.npz"]
+    assert sorted(os.listdir(folder)) == ["checkpoint.npz", "checkpoint.prev.npz",
+                                          "loss.png", "model.npz"]
     assert (folder / "loss.png").read_bytes()[:4] == b"\x89PNG"
     # 400 steps is not in the paper's table: only its 100k-step numbers
     assert report["paper"]["points"] == [{"steps": 100_000, "sheaf_train": 0.0631,

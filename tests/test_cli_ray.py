@@ -79,17 +79,16 @@ def test_train_on_ray_prints_the_local_engine_losses(capsys, ray_session, tmp_pa
 # ---------------------------------------------------------------- infer
 
 
-def test_infer_on_ray_per_vertex_converges_like_the_golden_run(capsys, ray_session,
-                                                               case241):
+def test_infer_on_ray_converges_like_the_golden_run(capsys, ray_session, case241):
     g, files = case241
     code, out, err = run(capsys, [
         "infer", "--model", files["model"], "--input", files["input"], "--init",
-        files["init"], "--tol", "1e-12", "--engine", "ray", "--partition", "vertex",
+        files["init"], "--tol", "1e-12", "--engine", "ray", "--partition", "layer",
         "--json",
     ])
     assert code == 0, err
     report = json.loads(out)
-    assert report["engine"] == "ray" and report["partition"] == "vertex"
+    assert report["engine"] == "ray" and report["partition"] == "layer"
     assert report["mode"] == "sync"
     assert report["iterations"] == int(g["iterations"]) == 8650
     assert report["converged"] is True and report["final_change"] < 1e-12

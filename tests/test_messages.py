@@ -274,11 +274,6 @@ def test_bad_reduce_fields_are_rejected():
     rejected(raw(red | {"v": 0}), "version", "got 0")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="package bug: a map with both str and bytes keys and a missing field "
-    "makes _field's sorted(msg) raise TypeError instead of MessageError",
-)
 def test_mixed_str_and_bytes_keys_are_rejected_with_message_error():
     rejected(raw({"x": 1, b"y": 2}), "field 'v'", "missing")
 

@@ -406,12 +406,7 @@ def stop_if_hung(engine: RayEngine, thread: threading.Thread, seconds: float) ->
     "target, partition",
     [
         (0, "vertex"),
-        pytest.param(-1, "layer", marks=pytest.mark.xfail(
-            strict=True,
-            reason="package bug: when the rejecting actor is not actors[0], "
-            "RayEngine.run raises the first failed result in index order, "
-            "'a neighbouring block failed', and the rejection is lost",
-        )),
+        (-1, "layer"),
     ],
     ids=["first actor", "last actor"],
 )
@@ -451,12 +446,6 @@ def test_divergence_is_reported_and_stops_every_actor(golden_dir, engines):
     assert "--dt" in str(error) and "2/lambda_max" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="package bug: RayEngine reports divergence at first['round'] + 1, but "
-    "the actor already set self.round to the diverging round (local says 16, a "
-    "single-actor Ray run says 17)",
-)
 def test_divergence_message_matches_the_local_engine(golden_dir, engines):
     case = diverging_case(golden_dir)
     with pytest.raises(DivergenceError) as local:

@@ -235,7 +235,11 @@ def test_checkpoint_holds_every_key_and_loads_without_pickle(tmp_path, golden_di
     expected = {"W1", "W2", "b1", "b2", "output", "round", "epoch", "config"}
     expected |= {f"stalk_{v}" for v in ("a0", "z1", "a1", "z2")}
     expected |= {f"history_{k}" for k in HISTORY_KEYS}
+    # the starting weights (the SGD baseline of a resumed run starts there) and
+    # the scheme's memory of the one block (Euler: an empty map)
+    expected |= {"init_W1", "init_W2", "init_b1", "init_b2", "scheme.0.{}"}
     assert set(arrays) == expected
+    np.testing.assert_array_equal(arrays["init_W1"], g["W1_step0"])
     assert str(arrays["output"]) == "identity"
     assert int(arrays["round"]) == 40 and int(arrays["epoch"]) == 2
     for layer in (1, 2):
@@ -254,7 +258,11 @@ def test_checkpoint_holds_every_key_and_loads_without_pickle(tmp_path, golden_di
     back = load_checkpoint(str(path))
     assert back["epoch"] == 2 and back["history"]["step"] == [0, 20, 40]
     assert set(back["stalks"]) == {"a0", "z1", "a1", "z2"}
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "model.npz"]
+    assert back["scheme"] == [{}] and back["sgd"] is None
+    # the checkpoint of epoch 1 is kept whole beside the latest
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "checkpoint.prev.npz",
+                                            "model.npz"]
+    assert load_checkpoint(str(tmp_path / "checkpoint.prev.npz"))["round"] == 20
 
 
 def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(
@@ -275,7 +283,8 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(
         train_sheaf(model_at(g, 0), data_of(g), config, epochs=3, steps_per_epoch=5,
                     init=init, checkpoint_dir=str(tmp_path))
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "model.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "checkpoint.prev.npz",
+                                            "model.npz"]
     back = load_checkpoint(str(tmp_path / "checkpoint.npz"))
     assert back["epoch"] == 1 and back["round"] == 5
 

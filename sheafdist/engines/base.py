@@ -45,6 +45,10 @@ def diverged(stats: RoundStats, limit: float) -> bool:
 
 
 def divergence_error(problem: Problem, rounds: int, energy: float) -> DivergenceError:
+    """The error of a run that blew up at round ``rounds``, with the stable bound
+    ``2/lambda_max`` at the forward pattern of the problem's inputs and weights
+    (those of the current pattern in inference; training retells it with the
+    current weights, :func:`sheafdist.training.training_divergence`)."""
     cfg = problem.config
     try:
         bound = stable_step(problem.model, problem.stalks["a0"], 1.0)
@@ -54,10 +58,13 @@ def divergence_error(problem: Problem, rounds: int, energy: float) -> Divergence
         )
     except Exception:  # the bound is advice; never hide the divergence behind it
         hint = "lower --dt"
-    return DivergenceError(
+    error = DivergenceError(
         f"--dt: the scheme diverged at round {rounds} with alpha={cfg.alpha:g}, "
         f"dt={cfg.dt:g} (energy {energy:.3g}); {hint}"
     )
+    # for callers that retell it (training counts rounds across engines)
+    error.round, error.energy = rounds, energy
+    return error
 
 
 def make_engine(name: str, problem: Problem, **options):

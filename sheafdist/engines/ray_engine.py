@@ -60,6 +60,8 @@ TRACE_LIMIT = 200_000  # trace records an actor holds between two drains
 ASYNC_POLL_SECONDS = 0.05  # how often the driver checks an async run's tolerance
 CHECKPOINT_EVERY = 1000  # rounds between the in-memory checkpoints of the blocks
 MAX_RECOVERIES = 3  # lost actors replaced in one run before it gives up
+NEIGHBOUR_FAILED = "a neighbouring block failed"
+DRIVER_ABORTS = (NEIGHBOUR_FAILED, "the driver saw no progress")
 
 
 def merge_stats(parts: list[RoundStats]) -> RoundStats:
@@ -258,19 +260,21 @@ class BlockActor:
     # ------------------------------------------------------------ rounds
 
     def _snapshot(self, stats: RoundStats | None):
-        b = self.block
-        return ({v: s.copy() for v, s in b.stalks.items()},
-                {e: (w.copy(), c.copy()) for e, (w, c) in b.maps.items()}, stats)
+        return self.block.snapshot(), stats
 
     def _restore(self, snap) -> None:
-        stalks, maps, stats = snap
-        self.block.stalks = {v: s.copy() for v, s in stalks.items()}
-        self.block.maps = {e: (w.copy(), c.copy()) for e, (w, c) in maps.items()}
-        self.stats = stats
+        self.block.restore(snap[0])
+        self.stats = snap[1]
 
     def _step(self, t: int, received: dict) -> RoundStats:
         stats = self.block.step(received)
         self.round, self.stats = t, stats
+        if self.tracing and stats.update_norm and len(self.trace) < TRACE_LIMIT:
+            now = time.time()
+            for name in stats.update_norm:  # the maps this block moved
+                self.trace.append({"kind": "update", "round": t, "edge": name,
+                                   "block": self.index, "time": now,
+                                   "reads": self.block.reads[name]})
         if self.limit is None:
             self.limit = divergence_limit(stats.energy)
         if diverged(stats, self.limit):
@@ -384,26 +388,21 @@ class BlockActor:
         self.traffic, self.latency, self.trace, self.saved = {}, {}, [], []
         return out
 
-    def _state(self) -> tuple[dict, dict]:
-        return ({v: s.copy() for v, s in self.block.stalks.items()},
-                {e: (w.copy(), c.copy()) for e, (w, c) in self.block.maps.items()})
+    def _state(self) -> dict:
+        """The block's stalks, maps and scheme memory (a checkpoint)."""
+        return self.block.snapshot()
 
-    async def state(self) -> tuple[dict, dict]:
+    async def state(self) -> dict:
         return self._state()
 
     async def ping(self) -> int:
         return self.round
 
-    async def restore(self, round_: int, state: tuple[dict, dict],
-                      generation: int) -> None:
+    async def restore(self, round_: int, state: dict, generation: int) -> None:
         """Roll back to a checkpoint, once any interrupted run has returned."""
         async with self.cond:
             await self.cond.wait_for(lambda: not self.running)
-        stalks, maps = state
-        self.block.stalks = {v: np.array(x, dtype=np.float64) for v, x in
-                             stalks.items()}
-        self.block.maps = {e: (np.array(w), np.array(b)) for e, (w, b) in
-                           maps.items()}
+        self.block.restore(state)
         self.round, self.generation = round_, generation
         self.inbox.clear()
         self.latest.clear()
@@ -448,7 +447,8 @@ def init_ray(address: str | None = None) -> None:
 
 
 class TraceWriter:
-    """Appends message records to a msgpack stream, one map per message."""
+    """Appends records to a msgpack stream: one map per message, and one per
+    weight update with the edge values it read (see :mod:`sheafdist.trace`)."""
 
     FIELDS = ("round", "edge", "src", "dst", "bytes", "sent", "received",
               "transport", "src_block", "dst_block")
@@ -463,8 +463,10 @@ class TraceWriter:
 
     def write(self, rows: list[list]) -> None:
         packer = msgpack.Packer(use_bin_type=True)
-        for row in rows:
-            self.file.write(packer.pack(dict(zip(self.FIELDS, row, strict=True))))
+        for row in rows:  # messages as rows; weight updates as maps already
+            if not isinstance(row, dict):
+                row = {"kind": "message", **dict(zip(self.FIELDS, row, strict=True))}
+            self.file.write(packer.pack(row))
         self.records += len(rows)
         self.file.flush()
 
@@ -641,7 +643,7 @@ class RayEngine:
             if pending and any("failed" in r for r in self._get(ready)):
                 # a block gave up: the others wait for its messages, so stop them
                 for a in self.actors:
-                    a.abort.remote("a neighbouring block failed")
+                    a.abort.remote(NEIGHBOUR_FAILED)
             now = time.monotonic()
             if now < next_report and pending and not (free and tol is not None):
                 continue
@@ -662,9 +664,17 @@ class RayEngine:
         self._report()
         failed = [r for r in results if "failed" in r]
         if failed:
-            first = next((r for r in failed if r["failed"] == "diverged"), failed[0])
+            # the cause, not the echo: a divergence, else the block that failed
+            # first rather than those the driver stopped because of it
+            def rank(r: dict) -> int:
+                if r["failed"] == "diverged":
+                    return 0
+                return 2 if r["error"] in DRIVER_ABORTS else 1
+
+            first = min(failed, key=rank)
             if first["failed"] == "diverged":
-                raise divergence_error(self.problem, first["round"] + 1,
+                # the actor's round is the round whose step diverged
+                raise divergence_error(self.problem, first["round"],
                                        first.get("energy", float("nan")))
             raise RunError(first["error"])
         return results
@@ -697,8 +707,8 @@ class RayEngine:
 
     def stalks(self) -> dict[str, np.ndarray]:
         out = {}
-        for stalks, _ in self._states():
-            out.update(stalks)
+        for state in self._states():
+            out.update(state["stalks"])
         return out
 
     def set_stalks(self, stalks: dict[str, np.ndarray]) -> None:
@@ -707,8 +717,8 @@ class RayEngine:
 
     def model(self) -> MLP:
         m = self.problem.model.copy()
-        for _, maps in self._states():
-            for name, (w, b) in maps.items():
+        for state in self._states():
+            for name, (w, b) in state["maps"].items():
                 layer = int(name[1:])
                 m.W[layer - 1], m.b[layer - 1] = w, b
         return m

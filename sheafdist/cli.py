@@ -59,10 +59,20 @@ class Parser(argparse.ArgumentParser):
                      "--help\n")
 
 
-def _number(kind: type, test: Callable[[float], bool], need: str):
+def _number(kind: type, test: Callable[[float], bool], need: str,
+            fraction: bool = False):
+    """An argparse type: ``kind(text)`` passing ``test``. With ``fraction`` it
+    also takes ``a/b`` of two positive finite numbers (``--beta 1/300``)."""
+
     def parse(text: str):
         try:
-            value = kind(text)
+            if fraction and "/" in text:
+                a, b = (float(t) for t in text.split("/", 1))
+                if not (a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)):
+                    raise ValueError(text)
+                value = a / b
+            else:
+                value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"got {text!r}; give {need}") from None
         if not math.isfinite(value) or not test(value):
@@ -73,7 +83,8 @@ def _number(kind: type, test: Callable[[float], bool], need: str):
     return parse
 
 
-positive_float = _number(float, lambda v: v > 0, "a positive number")
+positive_float = _number(float, lambda v: v > 0, "a positive number or a "
+                         "fraction a/b", fraction=True)
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
 seed_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
@@ -174,7 +185,8 @@ def build_parser() -> Parser:
                        help="Euler step (default: the task's, 0.005 for 1H)")
     train.add_argument("--alpha", type=positive_float, help="stalk rate (default 1)")
     train.add_argument("--beta", type=positive_float,
-                       help="weight rate (default 1/n_train)")
+                       help="weight rate, a number or a fraction such as 1/300 "
+                       "(default 1/n_train)")
     train.add_argument("--baseline", choices=("sgd", "none"), default="sgd",
                        help="full-batch gradient descent from the same weights for "
                        "the same number of steps (default sgd)")
@@ -544,7 +556,7 @@ class _Progress:
 
     def __call__(self, rounds, stats, traffic) -> None:
         now = time.monotonic()
-        if now < self.next:
+        if now < self.next or not stats.measured:
             return
         self.next = now + PROGRESS_SECONDS
         _say(f"{self.label}: round {rounds}/{self.total}  change "
@@ -647,7 +659,8 @@ def cmd_infer(args) -> int:
     from .diagnostics import rate_check  # paper.md 3.3, check 5
 
     report |= rate_check(model, x, args.alpha, args.dt, args.output_edge,
-                         getattr(engine, "energies", None), bool(hard or soft))
+                         getattr(engine, "energies", None), bool(hard or soft),
+                         args.scheme)
     if args.engine == "ray":
         report |= {"partition": args.partition, "mode": args.mode}
     if args.json:
@@ -684,6 +697,23 @@ def _print_infer(r: dict) -> None:
 
 
 def cmd_train(args) -> int:
+    if not args.resume:
+        return _train(args, None)
+    resume = _resume_args(args)
+    try:
+        return _train(args, resume)
+    except InputError as exc:
+        # a check of the run refuses a value that came from the checkpoint: name
+        # the checkpoint and its key, not an option the user did not give
+        key = _resumed_keys().get(exc.arg)
+        if key is None:
+            raise
+        cfg = resume["config"]["cli"]
+        raise _bad_stored(resume["path"], f"{key}={_shown(cfg[key])}",
+                          f"{exc.arg} refuses it ({exc.got}; {exc.fix})") from None
+
+
+def _train(args, resume: dict | None) -> int:
     from .model import he_init, save_model
     from .problem import initial_stalks
     from .rules import Config
@@ -692,7 +722,6 @@ def cmd_train(args) -> int:
     from .tasks import TASKS, load_data, make_task
     from .training import save_sgd_state, train_sheaf
 
-    resume = _resume_args(args) if args.resume else None
     _check_mode(args)
     if args.checkpoint_every and args.no_checkpoint:
         raise InputError("--checkpoint-every", args.checkpoint_every, "it sets how "
@@ -779,6 +808,12 @@ def cmd_train(args) -> int:
         raise InputError("--checkpoint-every", args.checkpoint_every, f"the run has "
                          f"{epochs * steps_per_epoch} rounds; give at most that")
     steps = epochs * steps_per_epoch
+    if resume is not None and resume["round"] > steps:
+        raise InputError("--epochs", f"{epochs} x {steps_per_epoch} rounds", f"the "
+                         f"checkpoint is at round {resume['round']}; the run must "
+                         "be at least that long")
+    if resume is not None:
+        _begin_resume(resume)
     progress = args.progress if args.progress is not None else True
     say = _say if progress else None
     run_info = {"task": name, "engine": args.engine, "partition": args.partition,
@@ -926,6 +961,94 @@ RESUMED = ("task_name", "data", "data_seed", "n_train", "n_test", "arch", "outpu
            "beta", "sgd_lr", "baseline", "seed", "scheme", "momentum", "omega",
            "engine", "partition", "mode", "max_staleness", "local_steps",
            "checkpoint_every")
+# the keys that `train` always stores resolved: never null in a checkpoint
+RESOLVED = ("init_text", "warm_start", "output", "arch", "epochs", "steps_per_epoch",
+            "dt", "alpha", "beta", "sgd_lr")
+
+
+def _resumed_actions() -> dict[str, argparse.Action]:
+    """The `train` parser's action of each key of ``RESUMED``."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions
+               if isinstance(a, argparse._SubParsersAction))
+    by_dest = {a.dest: a for a in sub.choices["train"]._actions}
+    return {key: by_dest[{"task_name": "task", "init_text": "init"}.get(key, key)]
+            for key in RESUMED}
+
+
+def _flag(action: argparse.Action) -> str:
+    return next(s for s in action.option_strings if s.startswith("--"))
+
+
+def _resumed_keys() -> dict[str, str]:
+    """Each option string that a resumed run takes from its checkpoint -> key."""
+    return {s: key for key, a in _resumed_actions().items() for s in a.option_strings}
+
+
+def _expects(action: argparse.Action) -> str:
+    """What the option takes, in the words of its type function or choices."""
+    if action.choices is not None:
+        return "one of " + ", ".join(map(str, action.choices))
+    if action.nargs == 0:
+        return "true or false"
+    if action.type is not None:
+        return getattr(action.type, "__name__", "a valid value")
+    return "a string"
+
+
+def _stored(action: argparse.Action, value, nullable: bool):
+    """``value`` from a checkpoint, through the option's own checks (its type
+    function on the text, its choices); raises TypeError or ValueError."""
+    if value is None:
+        if nullable:
+            return None
+        raise ValueError("null")
+    if action.nargs == 0:  # --warm-start / --no-warm-start
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise TypeError(value)
+    if action.type is not None:
+        value = action.type(str(value))  # what the command line would have given
+    elif not isinstance(value, str):
+        raise TypeError(value)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(value)
+    return value
+
+
+def _shown(value) -> str:
+    return one_line(json.dumps(value), 60)
+
+
+def _bad_stored(path: str, got: str, need: str) -> InputError:
+    from .training import PREVIOUS
+
+    previous = os.path.join(os.path.dirname(os.path.abspath(path)), PREVIOUS)
+    other = f", resume from {PREVIOUS} beside it" if os.path.exists(previous) \
+        and os.path.abspath(path) != previous else ""
+    return InputError("--resume", f"{got} in the configuration of {path}",
+                      f"{need}: put a valid value back{other}, or start a new run")
+
+
+def _checked_config(cfg: dict, path: str) -> dict:
+    """The checkpoint's run configuration, every value checked (and converted) as
+    the command-line option it came from: a bad one is an InputError naming the
+    checkpoint, the key and what the option takes."""
+    out = {}
+    for key, action in _resumed_actions().items():
+        nullable = action.default is None and key not in RESOLVED
+        try:
+            out[key] = _stored(action, cfg[key], nullable)
+        except (argparse.ArgumentTypeError, TypeError, ValueError):
+            raise _bad_stored(path, f"{key}={_shown(cfg[key])}",
+                              f"{_flag(action)} takes {_expects(action)}") from None
+    if (out["task_name"] is None) == (out["data"] is None):  # --task | --data
+        raise _bad_stored(path, f"task_name={_shown(cfg['task_name'])} and "
+                          f"data={_shown(cfg['data'])}", "a run has either a task "
+                          "(--task) or a data file (--data)")
+    return out
 
 
 def _file_digest(path: str) -> str:
@@ -948,13 +1071,7 @@ def _run_inputs(args, resolved: dict) -> dict:
 def _resume_args(args) -> dict:
     """Read the checkpoint of ``--resume``, refuse options that would change the
     run, and fill ``args`` from the checkpoint's configuration."""
-    from .files import read_npz
-    from .training import (
-        CHECKPOINT,
-        checkpoint_path,
-        load_checkpoint,
-        write_checkpoint,
-    )
+    from .training import checkpoint_path, load_checkpoint
 
     path = checkpoint_path(args.resume)
     if not os.path.exists(path):
@@ -977,27 +1094,36 @@ def _resume_args(args) -> dict:
         raise InputError("--resume", f"{path} without {', '.join(missing)} in its "
                          "configuration", "it was not written by `sheafdist train`; "
                          "start a new run")
-    if cfg.get("data"):
-        if not os.path.exists(cfg["data"]) or \
+    checked = _checked_config(cfg, path)
+    if checked["data"]:
+        if not os.path.isfile(cfg["data"]) or \
                 _file_digest(cfg["data"]) != cfg.get("data_sha256"):
             raise InputError("--resume", f"{path}, trained on {cfg['data']}",
                              "that data file is missing or changed since the "
                              "checkpoint; put the original back")
     for key in RESUMED:
         setattr(args, "task" if key == "task_name" else
-                "init" if key == "init_text" else key, cfg[key])
+                "init" if key == "init_text" else key, checked[key])
+    args.checkpoint = os.path.dirname(os.path.abspath(path))
+    args.no_checkpoint = False
+    ckpt["trusted"], ckpt["path"] = True, path
+    return ckpt
+
+
+def _begin_resume(ckpt: dict) -> None:
+    """Once every check of the resumed run has passed: an older checkpoint file
+    becomes the current one, and the run says where it resumes."""
+    from .training import CHECKPOINT, write_checkpoint
+
+    path = ckpt["path"]
     folder = os.path.dirname(os.path.abspath(path))
-    args.checkpoint, args.no_checkpoint = folder, False
-    current = os.path.join(folder, CHECKPOINT)
-    if os.path.abspath(path) != current:
+    if os.path.abspath(path) != os.path.join(folder, CHECKPOINT):
         # resuming from an older file: it becomes the current checkpoint (a
         # damaged current one is replaced; checkpoint.prev.npz stays as it is)
         write_checkpoint(folder, read_npz(path, "--resume"), keep_previous=False)
-    ckpt["trusted"] = True
     _say(f"train: resuming {path} at round {ckpt['round']} (epoch "
          f"{ckpt['epoch']})" + (f", SGD step {ckpt['sgd']['step']}"
                                 if ckpt["sgd"] else ""))
-    return ckpt
 
 
 def _paper_protocol(arch, output, dt, alpha, beta, n_train, sgd_lr, init, warm,

@@ -205,7 +205,10 @@ class RunMetrics:
         self._update_rate(last is None, advanced, now)
         self._last_rounds = rounds
 
-        self._set(self.energy, ("energy",), stats.energy)
+        if stats.actors_alive is not None:
+            self.set_actors(stats.actors_alive)
+        if stats.measured:
+            self._set(self.energy, ("energy",), stats.energy)
         for name, value in stats.discord.items():
             edge = self._edge(name, "discord")
             if edge is not None:

@@ -78,6 +78,14 @@ class RoundStats:
     # discrepancy the block formed, from one dot product (a divergence signal;
     # it counts an edge shared with another block on both sides)
     energy_estimate: float | None = None
+    # the Ray engine's count of actors that answered its latest report
+    actors_alive: int | None = None
+
+    @property
+    def measured(self) -> bool:
+        """Whether the report carries a round's statistics (a report of a
+        recovery carries only ``actors_alive``)."""
+        return bool(self.discord) or self.energy_estimate is not None
 
     @property
     def energy(self) -> float:

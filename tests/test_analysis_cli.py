@@ -64,6 +64,23 @@ def test_infer_json_reports_the_measured_and_predicted_rates(capsys, tmp_path):
     assert r["rate_measured"] == pytest.approx(r["rate_predicted"], rel=0.01)
 
 
+@pytest.mark.parametrize("scheme", ["red-black", "momentum"])
+def test_infer_json_has_no_euler_prediction_for_another_scheme(capsys, tmp_path,
+                                                               scheme):
+    """The Euler rate beside the measured rate of another scheme would mislead:
+    it is null; the continuous rate and the measured one stay."""
+    save_model(he_init([2, 4, 1], 7), str(tmp_path / "m.npz"))
+    np.save(tmp_path / "x.npy", np.array([[0.5], [-0.3]]))
+    code, out, _ = run(capsys, ["infer", "--model", tmp_path / "m.npz", "--input",
+                                tmp_path / "x.npy", "--seed", "42", "--tol",
+                                "1e-13", "--json", "--scheme", scheme])
+    assert code == 0
+    r = json.loads(out)
+    assert r["scheme"] == scheme and r["rate_predicted"] is None
+    assert r["rate_predicted_continuous"] == pytest.approx(0.5634, abs=1e-4)
+    assert r["rate_measured"] > 0
+
+
 def test_infer_json_rates_are_null_with_pins_or_without_decay(capsys, files):
     _, _, _, p = files
     base = ["infer", "--model", p["model"], "--input", p["x"], "--json"]

@@ -6,6 +6,7 @@ added later without a case here fails the suite.
 """
 
 import argparse
+import json
 import socket
 
 import numpy as np
@@ -205,3 +206,28 @@ def test_a_metrics_port_in_use_is_one_line(capsys, files):
     assert code == 2
     assert err.strip() == (f"sheafdist: error: --metrics-port: got {port}; the port "
                            "is in use; pick another or 0 for a free one")
+
+
+def test_beta_takes_a_fraction_as_in_the_design(capsys, tmp_path, monkeypatch):
+    """DESIGN.md writes `--beta 1/n`: a fraction of two positive numbers."""
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()
+    assert parser.parse_args(["train", "--beta", "1/300"]).beta == 1 / 300
+    assert parser.parse_args(["train", "--beta", "2.5/0.5"]).beta == 5.0
+    assert parser.parse_args(["train", "--beta", "0.004"]).beta == 0.004
+    assert parser.parse_args(["train", "--sgd-lr", "1/200"]).sgd_lr == 0.005
+    code = main([*BASE["train"], "--n-train", "30", "--n-test", "5", "--beta",
+                 "1/300", "--no-checkpoint", "--json", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["beta"] == 1 / 300
+
+
+@pytest.mark.parametrize("value", ["1/0", "0/300", "1/-300", "1/inf", "nan/3",
+                                   "1/2/3", "1/", "a/b", "1e300/1e-300"])
+def test_a_bad_fraction_is_one_line_naming_the_option(capsys, value):
+    code = main([*BASE["train"], "--beta", value])
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "--beta" in lines[0] and value in lines[0] and "a/b" in lines[0]

@@ -253,6 +253,8 @@ def test_prometheus_sees_the_run_and_every_panel_has_data(prometheus, training):
         assert float(per_message[edge]["value"][1]) == 8 * dim * BATCH, edge
     remote = instant(f'sum(sheafdist_edge_messages_total{{{JOB}, transport="remote"}})')
     assert float(remote[0]["value"][1]) > 0  # two actors talk to each other
+    # and their messages were timed: the latency histogram has observations
+    assert scalar(f"sum({LATENCY}_count{{{JOB}}})") > 0
 
     shown = run_every_panel(prom, at, start, {"job": "sheafdist",
                                               "instance": f"127.0.0.1:{port}"})

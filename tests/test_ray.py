@@ -317,7 +317,15 @@ def test_observer_reports_exact_traffic_and_every_edge(golden_dir, shared,
     engine = shared("inference_batch", partition)
     engine.observer = lambda r, s, t: reports.append((r, s, t))
     first, rounds = engine.rounds, 300
+    calls = dict(engine.calls)
     result = engine.run(rounds)
+    # one Ray call per pair of neighbouring actors (each way) per round, all
+    # delivered by the end of a sync run, none held back by the bound on
+    # pending calls
+    pairs = 2 * (engine.n_actors - 1)
+    for key, expected in (("sent", rounds * pairs), ("received", rounds * pairs),
+                          ("backpressure", 0)):
+        assert engine.calls[key] - calls[key] == expected, key
     assert reports, "the observer was never called"
     seen = [r for r, _, _ in reports]
     assert seen == sorted(seen) and seen[-1] == first + rounds

@@ -36,8 +36,11 @@ class Killer:
         self.engine: RayEngine | None = None
         self.killed_at: float | None = None
         self.killed_round: int | None = None
+        self.alive: list[int] = []  # the actors alive, as each report said
 
     def __call__(self, rounds, stats, traffic) -> None:
+        if stats.actors_alive is not None:
+            self.alive.append(stats.actors_alive)
         if self.killed_at is not None or rounds < self.after:
             return
         import ray
@@ -105,6 +108,36 @@ def test_sync_inference_ends_as_if_uninterrupted(golden_dir, killed, how, victim
     assert_recovered_once(engine, killer, recovered)
     assert result.rounds == steps
     assert max_diff(result.stalks, ref.stalks) <= 1e-12
+    # the loss was reported (the gauge of actors alive dips), then the repair
+    n = engine.n_actors
+    assert n - 1 in killer.alive
+    assert killer.alive[-1] == n and killer.alive.index(n - 1) > 0
+
+
+def test_an_actor_lost_between_runs_is_restored_from_the_last_result(
+        golden_dir, ray_session):
+    """Killed while the driver does something else (an epoch boundary): the next
+    call finds it dead, replaces it with the state the last run ended in, and
+    the runs go on as one uninterrupted run."""
+    import ray
+
+    case = load_case(golden_dir, "train_paraboloid_short")
+    ref = LocalEngine(make_problem(case)).run(600)
+    engine = RayEngine(make_problem(case), partition="layer")
+    try:
+        engine.run(300)
+        ray.kill(engine.actors[1], no_restart=True)
+        engine.model()  # between runs, as training reads the weights
+        assert engine.recoveries == 1
+        ray.kill(engine.actors[0], no_restart=True)
+        result = engine.run(300)
+        assert engine.recoveries == 2
+    finally:
+        engine.close()
+    assert engine.rounds == 600
+    assert max_diff(result.stalks, ref.stalks) <= 1e-12
+    for w, rw in zip(result.model.W, ref.model.W, strict=True):
+        assert np.max(np.abs(w - rw)) <= 1e-12
 
 
 def test_sync_run_to_tolerance_keeps_the_round_count(golden_dir, killed):

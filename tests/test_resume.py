@@ -237,3 +237,70 @@ def test_no_file_of_a_run_is_partial_or_pickled(broken_run):
         if name.endswith(".npz"):
             with np.load(broken_run / name, allow_pickle=False) as f:
                 assert all(f[k].dtype != object for k in f.files)
+
+
+# ---------------------------------------------------------------- edited configurations
+
+
+@pytest.fixture
+def finished_run(capsys, tmp_path):
+    """The folder of a short finished run (checkpoints at rounds 20 and 40)."""
+    folder = tmp_path / "run"
+    code, _, err = run(capsys, [*small("--baseline", "none", epochs=2, steps=20,
+                                       every=20), "--checkpoint", str(folder)])
+    assert code == 0, err
+    return folder
+
+
+def edit_config(path, **changes):
+    """Change keys of the run configuration stored in the checkpoint ``path``."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    config = json.loads(str(arrays["config"]))
+    config["cli"].update(changes)
+    arrays["config"] = np.array(json.dumps(config))
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("dt", -1, "--dt takes a positive number"),  # ran until it diverged
+        ("alpha", 0, "--alpha takes a positive number"),  # fell back to 1
+        ("steps_per_epoch", 0, "--steps-per-epoch takes a positive integer"),
+        ("seed", "x", "--seed takes an integer >= 0"),  # a TypeError, exit 1
+        ("epochs", -3, "--epochs takes a positive integer"),  # --checkpoint-every
+        ("beta", None, "--beta takes a positive number"),  # fell back to 1/n
+        ("n_train", 2.5, "--n-train takes a positive integer"),
+        ("scheme", "leapfrog", "--scheme takes one of euler, momentum"),
+        ("warm_start", "yes", "--warm-start takes true or false"),
+        ("arch", [2, 30, 1], "--arch takes a string"),
+        # checks after the parser's: still the checkpoint and the key
+        ("arch", "2,x,1", "--arch refuses it (2,x,1; give at least two"),
+        ("epochs", 1, "--epochs refuses it (1 x 20 rounds; the checkpoint is at "
+                      "round 40"),
+        ("mode", "async", "--mode refuses it (async; it applies to the Ray"),
+    ],
+)
+def test_resume_checks_every_stored_value_as_its_option(capsys, finished_run,
+                                                        monkeypatch, key, value,
+                                                        says):
+    path = finished_run / "checkpoint.npz"
+    edit_config(path, **{key: value})
+    monkeypatch.setattr(LocalEngine, "run", None)  # nothing may run
+    code, out, err = run(capsys, ["train", "--resume", str(finished_run)])
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"sheafdist: error: --resume: got {key}="
+                               f"{json.dumps(value)} in the configuration of "
+                               f"{path}; "), lines[0]
+    assert says in lines[0], lines[0]
+    assert "resume from checkpoint.prev.npz beside it" in lines[0]
+
+
+def test_resume_needs_a_task_or_data_in_the_checkpoint(capsys, finished_run):
+    edit_config(finished_run / "checkpoint.npz", task_name=None)
+    code, _, err = run(capsys, ["train", "--resume", str(finished_run)])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--resume: got task_name=null and data=null in the configuration" in err

@@ -59,6 +59,13 @@ LATENCY_SAMPLES = 256  # per edge and report: enough for quantiles, bounded memo
 TRACE_LIMIT = 200_000  # trace records an actor holds between two drains
 ASYNC_POLL_SECONDS = 0.05  # how often the driver checks an async run's tolerance
 CHECKPOINT_EVERY = 1000  # rounds between the in-memory checkpoints of the blocks
+# Ray's own bound on the calls one actor has queued on another (max_pending_calls);
+# a sender at the bound waits for the receiver instead of queueing more. The
+# driver's handle needs room for one more, its long ``run`` call (its short calls
+# wait for room like everyone's), so Ray's option is the bound plus DRIVER_CALLS.
+MAX_PENDING_CALLS = 64
+DRIVER_CALLS = 1
+PENDING_BACKOFF_SECONDS = 0.001
 MAX_RECOVERIES = 3  # lost actors replaced in one run before it gives up
 NEIGHBOUR_FAILED = "a neighbouring block failed"
 DRIVER_ABORTS = (NEIGHBOUR_FAILED, "the driver saw no progress")
@@ -119,6 +126,11 @@ class BlockActor:
         self.traffic: Traffic = {}
         self.stats: RoundStats | None = None
         self.latency: dict[str, list[float]] = {}
+        # Ray calls to and from each neighbouring block, and how often a send
+        # waited at the bound on pending calls (drained as deltas)
+        self.calls = {"sent": 0, "received": 0, "backpressure": 0}
+        # the oldest neighbour value used since the last drain, per edge (async)
+        self.staleness: dict[str, int] = {}
         self.trace: list[list] = []
         self.limit: float | None = None
         self._cond: asyncio.Condition | None = None
@@ -143,6 +155,7 @@ class BlockActor:
         received = time.time()
         if generation != self.generation:
             return  # sent before a recovery rolled everyone back
+        self.calls["received"] += 1
         try:
             msgs = unpack(payload, self.edge_info, self.block.batch)
             for m in msgs:
@@ -189,18 +202,34 @@ class BlockActor:
             self.cond.notify_all()
         return self.round
 
-    def _send(self, round_: int, sent: dict, reduce: list[list] | None) -> None:
+    async def _send(self, round_: int, sent: dict, reduce: list[list] | None) -> None:
         now = time.time()
         for j, items in self.outgoing.items():
             msgs = [encode_edge(edge, v, other, round_, sent[(edge, v)], now)
                     for edge, v, other in items]
             if reduce is not None:
                 msgs.append(encode_reduce(self.index, round_, reduce))
-            self.neighbours[j].deliver.remote(self.index, round_, pack(msgs),
-                                              self.generation)
+            await self._call(j, round_, pack(msgs))
             for (edge, v, _), m in zip(items, msgs, strict=False):
                 key = (edge, direction(self.graph.edges[edge], v), "remote")
                 add_traffic(self.traffic, key, 1, len(m["data"]))
+
+    async def _call(self, j: int, round_: int, payload: bytes) -> None:
+        """One fire-and-forget call to block ``j``; at Ray's bound on calls
+        queued there, wait (without blocking the event loop) for room."""
+        from ray.exceptions import PendingCallsLimitExceeded
+
+        while True:
+            try:
+                self.neighbours[j].deliver.remote(self.index, round_, payload,
+                                                  self.generation)
+                break
+            except PendingCallsLimitExceeded:
+                self.calls["backpressure"] += 1
+                if self.error is not None or self.stop_requested:
+                    return
+                await asyncio.sleep(PENDING_BACKOFF_SECONDS)
+        self.calls["sent"] += 1
 
     def _count_local(self, round_: int, sent: dict) -> None:
         now = time.time() if self.tracing else 0.0
@@ -319,7 +348,7 @@ class BlockActor:
             if tol is not None:
                 reduce = [[s, b, mc, en] for s, parts in known.items()
                           for b, (mc, en) in parts.items()]
-            self._send(t, sent, reduce)
+            await self._send(t, sent, reduce)
             self._count_local(t, sent)
             received, reduce_in = await self._receive_sync(t)
             if tol is not None:
@@ -360,7 +389,7 @@ class BlockActor:
             # every tau-th round, counted from 0, so all blocks exchange together
             exchange = (t - 1) % self.tau == 0 or not received
             if exchange:
-                self._send(t, sent, None)
+                await self._send(t, sent, None)
                 if self.mode == "sync":
                     fresh, _ = await self._receive_sync(t)
                     if self.stop_requested and not fresh:
@@ -376,6 +405,8 @@ class BlockActor:
             stats = self._step(t, received)
             # values held since the last exchange age by one round per local step
             stats.staleness = {e: s + t - exchanged_at for e, s in staleness.items()}
+            for e, age in stats.staleness.items():
+                self.staleness[e] = max(self.staleness.get(e, 0), age)
             await asyncio.sleep(0)
         return {"index": self.index, "round": self.round, "converged": False,
                 "stats": self.stats}
@@ -384,8 +415,11 @@ class BlockActor:
 
     async def drain(self) -> dict:
         out = {"round": self.round, "stats": self.stats, "traffic": self.traffic,
-               "latency": self.latency, "trace": self.trace, "saved": self.saved}
+               "latency": self.latency, "trace": self.trace, "saved": self.saved,
+               "calls": self.calls, "staleness": self.staleness}
         self.traffic, self.latency, self.trace, self.saved = {}, {}, [], []
+        self.calls = dict.fromkeys(self.calls, 0)
+        self.staleness = {}
         return out
 
     def _state(self) -> dict:
@@ -494,6 +528,7 @@ class RayEngine:
         placement: str = "PACK",
         checkpoint_every: int = CHECKPOINT_EVERY,
         max_recoveries: int = MAX_RECOVERIES,
+        max_pending_calls: int = MAX_PENDING_CALLS,
     ):
         import ray
         from ray.util.placement_group import placement_group
@@ -504,6 +539,9 @@ class RayEngine:
             raise InputError("--max-staleness", max_staleness, "give an integer >= 0")
         if not isinstance(local_steps, int) or local_steps < 1:
             raise InputError("--local-steps", local_steps, "give an integer >= 1")
+        if not isinstance(max_pending_calls, int) or max_pending_calls < 1:
+            raise InputError("--max-pending-calls", max_pending_calls,
+                             "give an integer >= 1")
         self.problem, self.observer, self.mode = problem, observer, mode
         self.local_steps, self.max_recoveries = local_steps, max_recoveries
         self.blocks = make_partition(problem.graph, partition)
@@ -522,10 +560,17 @@ class RayEngine:
             ray.util.remove_placement_group(self.group)
             raise RunError(f"ray: the cluster has no room for {len(self.blocks)} "
                            "actors (placement group not ready)") from None
-        self._remote = ray.remote(num_cpus=0.01, max_restarts=0)(BlockActor)
+        self._remote = ray.remote(
+            num_cpus=0.01, max_restarts=0,
+            max_pending_calls=max_pending_calls + DRIVER_CALLS)(BlockActor)
         self.actors = [self._spawn(i) for i in range(len(self.blocks))]
         self.placement = self._connect()
         self.rounds, self.generation, self.recoveries = 0, 0, 0
+        # Ray calls between actors since the start: sent, received, and sends
+        # that waited at the bound on pending calls
+        self.calls = {"sent": 0, "received": 0, "backpressure": 0}
+        self.max_in_flight = 0  # the most calls seen sent but not yet received
+        self._reported = 0  # the furthest round handed to the observer
         self.checkpoint: tuple[int, list] | None = None
         self._partial: dict[int, dict[int, tuple]] = {}  # round -> actor -> state
         log.debug("ray engine: %d actors, partition %s, mode %s", len(self.actors),
@@ -542,11 +587,26 @@ class RayEngine:
 
     def _connect(self) -> list[dict]:
         handles = dict(enumerate(self.actors))
-        return self._get([a.connect.remote(handles) for a in self.actors])
+        return self._get([self._submit(a, "connect", handles) for a in self.actors])
 
     @property
     def n_actors(self) -> int:
         return len(self.actors)
+
+    def _submit(self, actor, method: str, *args):
+        """``actor.method.remote(*args)``, waiting (up to CALL_TIMEOUT) while the
+        actor has as many calls queued as Ray allows."""
+        from ray.exceptions import PendingCallsLimitExceeded
+
+        deadline = time.monotonic() + CALL_TIMEOUT
+        while True:
+            try:
+                return getattr(actor, method).remote(*args)
+            except PendingCallsLimitExceeded:
+                if time.monotonic() > deadline:
+                    raise RunError(f"ray: an actor kept its queue of calls full for "
+                                   f"{CALL_TIMEOUT:.0f}s") from None
+                time.sleep(PENDING_BACKOFF_SECONDS)
 
     def _get(self, refs, timeout: float = CALL_TIMEOUT):
         import ray
@@ -563,7 +623,7 @@ class RayEngine:
     def _report(self) -> tuple[int, float]:
         """Hand the actors' statistics to the observer and file their checkpoints;
         return the slowest actor's round and the largest latest change."""
-        drained = self._get([a.drain.remote() for a in self.actors])
+        drained = self._get([self._submit(a, "drain") for a in self.actors])
         parts = [d["stats"] for d in drained if d["stats"] is not None]
         traffic: Traffic = {}
         for i, d in enumerate(drained):
@@ -581,13 +641,24 @@ class RayEngine:
             self.checkpoint = (r, [got[i] for i in range(len(self.actors))])
             self._partial = {k: v for k, v in self._partial.items() if k > r}
         stats = merge_stats(parts)
-        stats.latency = {}
+        stats.latency, stats.staleness = {}, {}
         for d in drained:
             for edge, samples in d["latency"].items():
                 stats.latency.setdefault(edge, []).extend(samples)
+            for edge, age in d["staleness"].items():
+                stats.staleness[edge] = max(stats.staleness.get(edge, 0), age)
+            for key, n in d["calls"].items():
+                self.calls[key] += n
+        # drained one actor after another, so a call may count as received
+        # before its sending was counted: never below zero
+        in_flight = max(self.calls["sent"] - self.calls["received"], 0)
+        self.max_in_flight = max(self.max_in_flight, in_flight)
+        stats.actors_alive = len(drained)
         rounds = min(d["round"] for d in drained)
         if self.observer is not None and parts:
-            self.observer(rounds, stats, traffic)
+            # a recovery rolls the actors back; the run's progress never does
+            self._reported = max(self._reported, rounds)
+            self.observer(self._reported, stats, traffic)
         change = stats.max_change if len(parts) == len(drained) else float("inf")
         return rounds, change
 
@@ -614,7 +685,7 @@ class RayEngine:
         if self._free_running():
             # async actors end at slightly different rounds: label them alike
             final = max(r["round"] for r in results)
-            self._get([a.set_round.remote(final) for a in self.actors])
+            self._get([self._submit(a, "set_round", final) for a in self.actors])
             converged = tol is not None and stats.max_change < tol
             final_change, energy = stats.max_change, stats.energy
         else:
@@ -623,8 +694,13 @@ class RayEngine:
             final_change = results[0].get("final_change", stats.max_change)
             energy = results[0].get("energy", stats.energy)
         self.rounds = final
+        # the final states are also the checkpoint an actor lost before the next
+        # run is restored from
+        states = self._states()
+        self.checkpoint = (final, states)
         return RunResult(
-            stalks=self.stalks(), model=self.model(), rounds=final - base,
+            stalks=self._stalks_of(states), model=self._model_of(states),
+            rounds=final - base,
             converged=converged, final_change=final_change, energy=energy,
             discord=dict(stats.discord), flips=sum(stats.flips.values()),
             seconds=time.perf_counter() - start,
@@ -633,7 +709,7 @@ class RayEngine:
     def _run_once(self, end: int, tol: float | None, first_check: int) -> list[dict]:
         import ray
 
-        refs = [a.run.remote(end, tol, first_check) for a in self.actors]
+        refs = [self._submit(a, "run", end, tol, first_check) for a in self.actors]
         free = self._free_running()
         poll = ASYNC_POLL_SECONDS if (free and tol is not None) else REPORT_SECONDS
         pending, last_round, last_progress = list(refs), -1, time.monotonic()
@@ -643,7 +719,7 @@ class RayEngine:
             if pending and any("failed" in r for r in self._get(ready)):
                 # a block gave up: the others wait for its messages, so stop them
                 for a in self.actors:
-                    a.abort.remote(NEIGHBOUR_FAILED)
+                    self._submit(a, "abort", NEIGHBOUR_FAILED)
             now = time.monotonic()
             if now < next_report and pending and not (free and tol is not None):
                 continue
@@ -651,13 +727,13 @@ class RayEngine:
             next_report = now + REPORT_SECONDS
             if (free and tol is not None and not stopped and reached >= first_check
                     and change < tol):
-                self._get([a.stop.remote() for a in self.actors])
+                self._get([self._submit(a, "stop") for a in self.actors])
                 stopped = True
             if reached > last_round:
                 last_round, last_progress = reached, now
             elif pending and now - last_progress > STALL_SECONDS:
                 for a in self.actors:
-                    a.abort.remote("the driver saw no progress")
+                    self._submit(a, "abort", "the driver saw no progress")
                 raise RunError(f"ray: no actor advanced past round {reached} in "
                                f"{STALL_SECONDS:.0f}s")
         results = self._get(refs)
@@ -687,13 +763,20 @@ class RayEngine:
         self.generation += 1
         self.recoveries += 1
         log.warning("ray: %s; recovering from the checkpoint of round %d", cause, r)
+        lost = []
         for i, a in enumerate(self.actors):
             try:
-                ray.get(a.abort.remote("recovering from a lost actor"), timeout=10)
+                ray.get(self._submit(a, "abort", "recovering from a lost actor"),
+                        timeout=10)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                ray.kill(a)
-                self.actors[i] = self._spawn(i)
-        self._get([a.restore.remote(r, states[i], self.generation)
+                lost.append(i)
+        if self.observer is not None:  # the gauge of actors alive shows the loss
+            self.observer(self._reported,
+                          RoundStats(actors_alive=len(self.actors) - len(lost)), {})
+        for i in lost:
+            ray.kill(self.actors[i])
+            self.actors[i] = self._spawn(i)
+        self._get([self._submit(a, "restore", r, states[i], self.generation)
                    for i, a in enumerate(self.actors)])
         self.placement = self._connect()
         self.rounds, self._partial = r, {}
@@ -702,22 +785,48 @@ class RayEngine:
         """Whether the actors run without the exact sync protocol."""
         return self.mode == "async" or self.local_steps > 1
 
-    def _states(self):
-        return self._get([a.state.remote() for a in self.actors])
+    def _states(self) -> list[dict]:
+        """Every block's snapshot. Between runs, an actor found dead is replaced
+        from the checkpoint, when that holds the current round."""
+        try:
+            return self._get([self._submit(a, "state") for a in self.actors])
+        except ActorLost as exc:
+            if self.checkpoint is None or self.checkpoint[0] != self.rounds:
+                raise
+            self._recover(exc)
+            return self._get([self._submit(a, "state") for a in self.actors])
 
     def stalks(self) -> dict[str, np.ndarray]:
+        return self._stalks_of(self._states())
+
+    def set_stalks(self, stalks: dict[str, np.ndarray]) -> None:
+        def put():
+            self._get([self._submit(a, "set_stalks", {v: stalks[v] for v in vs})
+                       for a, vs in zip(self.actors, self.blocks, strict=True)])
+
+        try:
+            put()
+        except ActorLost as exc:
+            if self.checkpoint is None or self.checkpoint[0] != self.rounds:
+                raise
+            self._recover(exc)
+            put()
+        # new stalks at the same round: what a lost actor is restored to
+        self.checkpoint = (self.rounds, self._states())
+
+    def model(self) -> MLP:
+        return self._model_of(self._states())
+
+    @staticmethod
+    def _stalks_of(states: list[dict]) -> dict[str, np.ndarray]:
         out = {}
-        for state in self._states():
+        for state in states:
             out.update(state["stalks"])
         return out
 
-    def set_stalks(self, stalks: dict[str, np.ndarray]) -> None:
-        self._get([a.set_stalks.remote({v: stalks[v] for v in vs})
-                   for a, vs in zip(self.actors, self.blocks, strict=True)])
-
-    def model(self) -> MLP:
+    def _model_of(self, states: list[dict]) -> MLP:
         m = self.problem.model.copy()
-        for state in self._states():
+        for state in states:
             for name, (w, b) in state["maps"].items():
                 layer = int(name[1:])
                 m.W[layer - 1], m.b[layer - 1] = w, b

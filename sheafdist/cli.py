@@ -10,20 +10,23 @@ Every error a user can cause is one line, ``sheafdist: error: <arg>: got ...;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 
 from .errors import InputError, SheafdistError, one_line
 from .files import atomic_savez, read_npy, read_npz
+from .memory import check_run
 from .model import MLP, check_model, load_model, parse_arch, predict
-from .problem import INITS, check_input
+from .problem import INITS, check_forward, check_input
 
 log = logging.getLogger("sheafdist")
 
@@ -38,6 +41,8 @@ DEFAULT_EPOCHS = 50
 STALK_SEED_OFFSET = 42  # the paper's stalk seed is 42 for weight seed 0
 DEFAULT_DATA_SEED = 42  # the paper's data seed
 PROGRESS_SECONDS = 1.0  # inference progress lines at most this often
+# --tol / (alpha*dt) above this: the tolerance rule is met far from the fixed point
+TOL_FORCE_WARNING = 1e-3
 PLOT_NAME = "loss.png"
 
 # paper.md 7.3, [NB]: the authors' torch run of the paraboloid [2,30,1], weight seed
@@ -253,15 +258,26 @@ def build_parser() -> Parser:
 def cmd_trace(args) -> int:
     from .trace import format_summary, read_trace, summarise
 
-    summary = summarise(read_trace(args.file))
-    bad = []
-    if args.model:
+    graph = None
+    if args.model:  # the options first, then the file
         from .model import load_model
         from .sheaf import build_graph
-        from .trace import locality_violations
 
         model = load_model(args.model)
         graph = build_graph(model.arch, model.output)
+    status: dict = {}
+    summary = summarise(read_trace(args.file, status))
+    # the tail of a run still writing, or stopped mid-record: say so, go on
+    summary["truncated"] = status["truncated"] > 0
+    if summary["truncated"]:
+        _say(f"sheafdist: warning: FILE: {args.file} ends in an incomplete record "
+             f"({status['truncated']} bytes after record {status['records'] - 1}); "
+             f"this summarises the {status['records']} complete records")
+    bad = []
+    if graph is not None:
+        from .trace import check_model_of, locality_violations
+
+        check_model_of(read_trace(args.file), graph, args.file, args.model)
         bad = locality_violations(read_trace(args.file), graph)
         summary["locality_violations"] = len(bad)
         summary["locality_examples"] = bad[:5]
@@ -331,8 +347,20 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what was typed
+    untrap = _trap_sigterm()
     restore = _setup_logging(args.verbose)
+    json_out = sys.stdout
     try:
+        if getattr(args, "json", False):
+            # stdout holds the one JSON object and nothing else: Ray's driver
+            # prints notices (a worker died, ...) on stdout, so they go to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                _JSON_OUT.append(json_out)
+                try:
+                    return args.func(args)
+                finally:
+                    _JSON_OUT.pop()
         return args.func(args)
     except InputError as exc:
         _error(str(exc) + _auth_hint(exc))
@@ -340,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     except SheafdistError as exc:
         _error(str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, _Terminated):
+            _error("terminated (SIGTERM)")
+            return 143
         _error("interrupted")
         return 130
     except Exception as exc:  # a failure of ours or of the environment (Ray)
@@ -351,6 +382,28 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         restore()
+        untrap()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the run stops where it is, checkpoints
+    stay as they are, and the exit code is 128 + 15."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
+def _trap_sigterm() -> Callable[[], None]:
+    """Stop on SIGTERM as on Ctrl-C; returns the undo. Called again once Ray is
+    up: its driver installs a handler that dumps a stack trace instead."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    before = signal.signal(signal.SIGTERM, _on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, before)
 
 
 def _auth_hint(exc: InputError) -> str:
@@ -392,15 +445,24 @@ def _setup_logging(verbose: bool) -> Callable[[], None]:
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("sheafdist: %(levelname)s "
                                            "%(name)s: %(message)s"))
-    before = (log.level, log.propagate)
+    before = (log.level, log.propagate, warnings.showwarning)
     log.addHandler(handler)
     log.propagate = False
     log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        """A Python warning (numpy's RuntimeWarnings above all) as one line, not
+        the two of the default format with a line of our source."""
+        where = f" ({os.path.basename(filename)}:{lineno})" if verbose else ""
+        _say(f"sheafdist: warning: {category.__name__}: {one_line(message)}{where}")
+
+    warnings.showwarning = show
 
     def restore() -> None:
         log.removeHandler(handler)
         log.setLevel(before[0])
         log.propagate = before[1]
+        warnings.showwarning = before[2]
 
     return restore
 
@@ -420,8 +482,13 @@ def _json_safe(value):
     return value
 
 
+# where --json output goes: the command's real stdout (see main)
+_JSON_OUT: list = []
+
+
 def _print_json(obj: dict) -> None:
-    print(json.dumps(_json_safe(obj), allow_nan=False), flush=True)
+    out = _JSON_OUT[-1] if _JSON_OUT else sys.stdout
+    print(json.dumps(_json_safe(obj), allow_nan=False), file=out, flush=True)
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -582,7 +649,7 @@ def _observers(*observers):
 
 def cmd_infer(args) -> int:
     from .engines import make_engine
-    from .pins import parse_pin
+    from .pins import parse_pins
     from .problem import inference_problem
     from .rules import Config
     from .sheaf import build_graph
@@ -598,13 +665,20 @@ def cmd_infer(args) -> int:
     model = load_model(args.model, "--model")
     x = check_input(model, _load_input(args.input), "--input")
     graph = build_graph(model.arch, model.output)
-    hard = [parse_pin(p, graph) for p in args.pin]
-    soft = [parse_pin(p, graph, soft=True) for p in args.soft_pin]
+    hard = parse_pins(args.pin, graph)
+    soft = parse_pins(args.soft_pin, graph, soft=True)
     init = _load_init(args.init)
     _check_partition(graph, args.partition)
     gamma = max((p.gamma for p in soft), default=0.0)
     if _explicit(args):
         _check_stable(args.alpha, args.dt, _stable_bound(model, x, gamma))
+        if tol is not None and tol / (args.alpha * args.dt) > TOL_FORCE_WARNING:
+            # the rule bounds the change alpha*dt*|force|: with a tiny step it
+            # holds from the first rounds, far from the fixed point
+            _say(f"sheafdist: warning: --tol {tol:g} with alpha*dt = "
+                 f"{args.alpha * args.dt:g} stops once every force is below "
+                 f"{tol / (args.alpha * args.dt):.3g}, far from convergence; "
+                 "lower --tol with --dt")
 
     config = Config(alpha=args.alpha, dt=args.dt, beta=0.0,
                     output_edge=args.output_edge, **_scheme_of(args))
@@ -623,6 +697,7 @@ def cmd_infer(args) -> int:
         record = {"record_energy": True} if args.engine == "local" else {}
         engine = make_engine(args.engine, problem, observer=observer,
                              **_engine_options_of(args), **record)
+        _trap_sigterm()  # again, over the handler Ray's driver installed
         try:
             if metrics is not None:
                 metrics.set_actors(_actor_count(engine))
@@ -656,6 +731,14 @@ def cmd_infer(args) -> int:
         "engine": args.engine,
         "scheme": args.scheme,
     }
+    # JSON has no inf or NaN: such a number is printed as null, so say which
+    odd = [k for k in ("energy", "final_change", "error")
+           if not math.isfinite(report[k])]
+    odd += [f"discord of {e}" for e, d in result.discord.items()
+            if not math.isfinite(d)]
+    if odd:
+        _say(f"sheafdist: warning: not a finite number: {', '.join(odd)}"
+             + (" (null in the JSON report)" if args.json else ""))
     from .diagnostics import rate_check  # paper.md 3.3, check 5
 
     report |= rate_check(model, x, args.alpha, args.dt, args.output_edge,
@@ -668,9 +751,24 @@ def cmd_infer(args) -> int:
     else:
         _print_infer(report)
     if tol is not None and not result.converged:
-        _error(f"--max-steps: not converged within {rounds} steps (the last change "
-               f"was {result.final_change:.3g}, above --tol {tol:g}); raise "
-               "--max-steps or loosen --tol")
+        # a pin can hold the equilibrium on a switching surface z = 0: Euler then
+        # steps back and forth across it and the change per round stays put
+        hidden = [e.tail for e in graph.edges.values() if e.kind == "relu"]
+        nearest = min((float(np.min(np.abs(stalks[v]))) for v in hidden),
+                      default=math.inf)
+        energies = getattr(engine, "energies", None) or []  # local engine only
+        stalled = len(energies) >= 100 and \
+            energies[-1] >= 0.99 * energies[len(energies) * 9 // 10]
+        if stalled and nearest <= 10 * result.final_change:
+            _error(f"--tol: not converged within {rounds} steps: a pre-activation "
+                   f"sits on a ReLU boundary (|z| = {nearest:.2g}) and the state "
+                   f"chatters across it, so the change per round stays near "
+                   f"{result.final_change:.3g}; loosen --tol above that, or run "
+                   "--steps N")
+        else:
+            _error(f"--max-steps: not converged within {rounds} steps (the last "
+                   f"change was {result.final_change:.3g}, above --tol {tol:g}); "
+                   "raise --max-steps or loosen --tol")
         return 1
     return 0
 
@@ -752,13 +850,17 @@ def _train(args, resume: dict | None) -> int:
                              f"{model.output}; drop one of them")
         output = model.output
         arch = model.arch
+    elif args.arch:
+        arch = parse_arch(args.arch)
+    elif task is not None:
+        arch = list(task.arch_1h)
     else:
-        if args.arch:
-            arch = parse_arch(args.arch)
-        elif task is not None:
-            arch = list(task.arch_1h)
-        else:
-            arch = [n_in, 30, n_out]
+        arch = [n_in, 30, n_out]
+    # what the run will hold, before the weights and the stalks are allocated
+    check_run(arch, n_train, "identity", "--model" if args.model else "--arch",
+              "--n-train" if task is not None else "--data", "examples",
+              blame_net=bool(args.model or args.arch))
+    if not args.model:
         model = he_init(arch, args.seed, output)
     if resume is not None and resume["initial"] is not None:
         model = resume["initial"]  # what the run started from (SGD starts there)
@@ -769,6 +871,8 @@ def _train(args, resume: dict | None) -> int:
             f"the data has {n_in} inputs and {n_out} outputs, so the network must "
             f"be {n_in},...,{n_out}",
         )
+    # the forward pass of the data must stay where the energy can square it
+    check_forward(model, data.X_train, "--data" if args.data else "--model")
 
     # schedule and rates
     two_hidden = len(arch) > 3
@@ -803,6 +907,14 @@ def _train(args, resume: dict | None) -> int:
     if not args.no_checkpoint:
         folder = args.checkpoint or _default_run_dir(name)
     _check_writable(folder, "--resume" if args.resume else "--checkpoint", True)
+    if folder and not args.resume:
+        from .training import CHECKPOINT
+
+        if os.path.exists(os.path.join(folder, CHECKPOINT)):
+            # a new run would overwrite another run's checkpoint, model and plot
+            raise InputError("--checkpoint", f"{folder}, which holds the checkpoint "
+                             "of another run", f"continue that run with --resume "
+                             f"{folder}, or choose a new folder")
     _check_writable(args.out, "--out")
     if args.checkpoint_every and args.checkpoint_every > epochs * steps_per_epoch:
         raise InputError("--checkpoint-every", args.checkpoint_every, f"the run has "
@@ -825,6 +937,7 @@ def _train(args, resume: dict | None) -> int:
             f"engine {args.engine}" + (f", checkpoints in {folder}" if folder else ""))
 
     def on_start(engine) -> None:
+        _trap_sigterm()  # again, over the handler Ray's driver installed
         if metrics is not None:
             metrics.set_actors(_actor_count(engine))
 
@@ -854,7 +967,8 @@ def _train(args, resume: dict | None) -> int:
             )
         except (SheafdistError, KeyboardInterrupt):
             if folder and os.path.exists(os.path.join(folder, "checkpoint.npz")):
-                _say(f"train: the last complete epoch is in {folder}/checkpoint.npz")
+                _say(f"train: the last checkpoint is in {folder}/checkpoint.npz; "
+                     f"continue with `sheafdist train --resume {folder}`")
             raise
 
         sgd = None
@@ -874,7 +988,10 @@ def _train(args, resume: dict | None) -> int:
                     metrics.set_loss("sgd", "train", train)
                     if not math.isnan(test):
                         metrics.set_loss("sgd", "test", test)
-                if folder:
+                # a diverged baseline keeps its last finite state in the
+                # checkpoint (a resumed run then diverges the same way)
+                finite = all(np.all(np.isfinite(w)) for w in m.W + m.b)
+                if folder and finite:
                     save_sgd_state(folder, m, step, sgd_history)
 
             sgd_model, sgd_history = sgd_train(
@@ -961,19 +1078,24 @@ RESUMED = ("task_name", "data", "data_seed", "n_train", "n_test", "arch", "outpu
            "beta", "sgd_lr", "baseline", "seed", "scheme", "momentum", "omega",
            "engine", "partition", "mode", "max_staleness", "local_steps",
            "checkpoint_every")
+# the option (argparse destination) of the keys named otherwise
+_RESUMED_DEST = {"task_name": "task", "init_text": "init"}
 # the keys that `train` always stores resolved: never null in a checkpoint
 RESOLVED = ("init_text", "warm_start", "output", "arch", "epochs", "steps_per_epoch",
             "dt", "alpha", "beta", "sgd_lr")
 
 
+def _train_actions() -> list[argparse.Action]:
+    """The options of `sheafdist train`, as its parser holds them."""
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]._actions
+
+
 def _resumed_actions() -> dict[str, argparse.Action]:
     """The `train` parser's action of each key of ``RESUMED``."""
-    parser = build_parser()
-    sub = next(a for a in parser._actions
-               if isinstance(a, argparse._SubParsersAction))
-    by_dest = {a.dest: a for a in sub.choices["train"]._actions}
-    return {key: by_dest[{"task_name": "task", "init_text": "init"}.get(key, key)]
-            for key in RESUMED}
+    by_dest = {a.dest: a for a in _train_actions()}
+    return {key: by_dest[_RESUMED_DEST.get(key, key)] for key in RESUMED}
 
 
 def _flag(action: argparse.Action) -> str:
@@ -1080,12 +1202,6 @@ def _resume_args(args) -> dict:
         raise InputError("--resume", f"{args.resume} ({what})", "give the folder "
                          "of a run's checkpoint (its --checkpoint DIR) or the "
                          "checkpoint file")
-    defaults = build_parser().parse_args(["train"])
-    for key, value in vars(args).items():
-        if key not in RESUME_OPTIONS and value != getattr(defaults, key, value):
-            flag = "--" + key.replace("_", "-")
-            raise InputError(flag, value, "a resumed run keeps the configuration "
-                             "of its checkpoint; drop it, or start a new run")
     ckpt = load_checkpoint(path, "--resume")
     cfg = ckpt["config"].get("cli")
     missing = list(RESUMED) if not isinstance(cfg, dict) else \
@@ -1095,6 +1211,22 @@ def _resume_args(args) -> dict:
                          "configuration", "it was not written by `sheafdist train`; "
                          "start a new run")
     checked = _checked_config(cfg, path)
+    # an option typed with --resume must agree with the checkpoint: one that
+    # would change the run is refused, never silently dropped
+    stored = {_RESUMED_DEST.get(k, k): v for k, v in checked.items()}
+    defaults = build_parser().parse_args(["train"])
+    given = _given(getattr(args, "argv", []))
+    for key, value in vars(args).items():
+        if key in RESUME_OPTIONS or key == "argv":
+            continue
+        if key not in given and value == getattr(defaults, key, value):
+            continue
+        if key in stored and value == stored[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        keeps = f" ({stored[key]!r})" if key in stored else ""
+        raise InputError(flag, value, f"a resumed run keeps the configuration of "
+                         f"its checkpoint{keeps}; drop it, or start a new run")
     if checked["data"]:
         if not os.path.isfile(cfg["data"]) or \
                 _file_digest(cfg["data"]) != cfg.get("data_sha256"):
@@ -1110,6 +1242,23 @@ def _resume_args(args) -> dict:
     return ckpt
 
 
+def _given(argv: list[str]) -> set[str]:
+    """The `train` options typed in ``argv``, by destination (``--no-x`` and
+    ``--x=v`` included)."""
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {a.dest for a in _train_actions() if typed & set(a.option_strings)}
+
+
+def _readable_checkpoint(path: str) -> bool:
+    from .training import load_checkpoint
+
+    try:
+        load_checkpoint(path, "--resume")
+    except InputError:
+        return False
+    return True
+
+
 def _begin_resume(ckpt: dict) -> None:
     """Once every check of the resumed run has passed: an older checkpoint file
     becomes the current one, and the run says where it resumes."""
@@ -1117,9 +1266,12 @@ def _begin_resume(ckpt: dict) -> None:
 
     path = ckpt["path"]
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.abspath(path) != os.path.join(folder, CHECKPOINT):
-        # resuming from an older file: it becomes the current checkpoint (a
-        # damaged current one is replaced; checkpoint.prev.npz stays as it is)
+    current = os.path.join(folder, CHECKPOINT)
+    if os.path.abspath(path) != current and not _readable_checkpoint(current):
+        # resuming from an older file because the current one is damaged: the
+        # older one takes its place (checkpoint.prev.npz stays as it is). A
+        # good current checkpoint is never overwritten here; the run's next
+        # checkpoint keeps it as checkpoint.prev.npz.
         write_checkpoint(folder, read_npz(path, "--resume"), keep_previous=False)
     _say(f"train: resuming {path} at round {ckpt['round']} (epoch "
          f"{ckpt['epoch']})" + (f", SGD step {ckpt['sgd']['step']}"

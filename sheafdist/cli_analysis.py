@@ -42,8 +42,9 @@ def _diagnose_parser(sub) -> None:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", metavar="M.npz", help="model file")
     model.add_argument("--torch", metavar="M.pt", help="a torch.save-d nn.Sequential "
-                       "of Linear and ReLU layers (needs the optional extra "
-                       "sheafdist[torch])")
+                       "of Linear layers with a ReLU between each pair, optionally "
+                       "ending in Sigmoid or Softmax(dim=-1) (needs the optional "
+                       "extra sheafdist[torch])")
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--input", metavar="X.npy", help="inputs of shape (n0, batch)")
     inputs.add_argument("--task", choices=("paraboloid", "saddle", "circular",
@@ -111,6 +112,7 @@ def _inputs(args, model, states: dict):
     from .problem import check_input
     from .tasks import make_task
 
+    net = "--torch" if args.torch else "--model"
     if args.task:
         if args.labels is not None:
             raise InputError("--labels", args.labels, "--task brings its own labels; "
@@ -123,49 +125,60 @@ def _inputs(args, model, states: dict):
         if Y.shape[0] != model.arch[-1]:
             raise InputError("--task", args.task, f"its labels have {Y.shape[0]} "
                              f"rows but the model has {model.arch[-1]} outputs")
-        return check_input(model, X, "--task"), Y, f"{args.task} {args.split}"
+        return check_input(model, X, "--task", net), Y, f"{args.task} {args.split}"
     if args.input:
-        X = check_input(model, cli._load_input(args.input), "--input")
-        source = args.input
+        X = cli._load_input(args.input)
+        arg, source = "--input", args.input
     elif states:
         arg, state = next(iter(states.items()))
         if "a0" not in state:
             raise InputError(arg, "a state without a0", "add a0 or give --input")
-        X = check_input(model, state["a0"], arg)
-        source = f"a0 of {arg}"
+        X, source = state["a0"], f"a0 of {arg}"
     else:
         raise InputError("--input", "nothing", "give --input X.npy, --task NAME or a "
                          "state with a0")
-    if args.n:
+    if args.n and np.ndim(X) == 2:
         X = X[:, :args.n]
+    X = check_input(model, X, arg, net)
     Y = None
     if args.labels:
-        from .files import read_npy
+        from .files import check_magnitude, read_npy, real_array
 
-        Y = np.asarray(read_npy(args.labels, "--labels", "give a .npy array of "
-                                "shape (nK, batch)"), dtype=np.float64)
+        fix = "give a .npy array of shape (nK, batch)"
+        Y = real_array(read_npy(args.labels, "--labels", fix), "--labels",
+                       "an array", fix="give real numbers")
         if Y.ndim == 1:
             Y = Y.reshape(1, -1)
-        if args.n:
+        if args.n and Y.ndim == 2:
             Y = Y[:, :args.n]
         if Y.shape != (model.arch[-1], X.shape[1]) or not np.all(np.isfinite(Y)):
             raise InputError("--labels", f"an array of shape {Y.shape}",
                              f"it must be finite and ({model.arch[-1]}, "
                              f"{X.shape[1]}) to match the model and the inputs")
+        check_magnitude(Y, "--labels", "an array", "scale them down")
     return X, Y, source
 
 
-def _state_discord(model, X, state, arg, target=None):
+def _state_discord(model, X, state, arg, target=None, inputs="drop --input to "
+                   "use its a0"):
+    """The discord of ``state``; ``inputs`` says how to give the right inputs."""
     from .diagnostics import discord
+    from .files import real_array
     from .problem import initial_stalks
     from .sheaf import build_graph
 
     output = model.output if target is None else "identity"
     graph = build_graph(model.arch, output)
-    if "a0" in state and not np.allclose(state["a0"], X, rtol=0, atol=1e-12):
-        raise InputError(arg, "a state whose a0 differs from the inputs",
-                         "give the inputs the state was made from, or drop --input")
-    stalks = initial_stalks(model, graph, X, state)
+    if "a0" in state:
+        a0 = real_array(state["a0"], arg, "a0")
+        if a0.shape != X.shape:
+            raise InputError(arg, f"a0 of shape {a0.shape}", f"it must be "
+                             f"{X.shape} to match the inputs; give the inputs the "
+                             f"state was made from ({inputs})")
+        if not np.allclose(a0, X, rtol=0, atol=1e-12):
+            raise InputError(arg, "a state whose a0 differs from the inputs",
+                             f"give the inputs the state was made from ({inputs})")
+    stalks = initial_stalks(model, graph, X, state, arg=arg)
     return discord(model, stalks, target)
 
 
@@ -190,15 +203,29 @@ def cmd_diagnose(args) -> int:
         "inputs": {"source": input_source, "count": int(X.shape[1])},
     }
 
+    from .memory import check_fits, spectral_bytes
+
+    # a dense eigendecomposition per activation pattern (at most one per input)
+    free = 2 * sum(model.arch[1:-1]) + model.arch[-1]
+    check_fits("--torch" if args.torch else "--model",
+               f"a network [{','.join(map(str, model.arch))}] whose spectral "
+               f"diagnostics of {X.shape[1]} inputs take a dense {free} x {free} "
+               "eigendecomposition per input", spectral_bytes(model.arch,
+                                                              X.shape[1]),
+               "give a narrower network or fewer inputs (--n)")
     spectral = diag.spectral(model, X)
     report["spectral"] = spectral.as_dict(per_input=args.per_input)
 
+    inputs = ("its --task, --split and all its inputs with --n" if args.task
+              else "drop --n" if not args.input
+              else "drop --input to use its a0" + (", or all of them with --n"
+                                                   if args.n else ""))
     if "--state" in states:
-        report["state"] = _state_discord(model, X, states["--state"],
-                                         "--state").as_dict(args.per_input)
+        report["state"] = _state_discord(model, X, states["--state"], "--state",
+                                         inputs=inputs).as_dict(args.per_input)
     if "--training-state" in states:
         report["training_state"] = _state_discord(
-            model, X, states["--training-state"], "--training-state", Y
+            model, X, states["--training-state"], "--training-state", Y, inputs
         ).as_dict(args.per_input)
 
     if Y is not None and not args.no_pinned:

@@ -13,6 +13,13 @@ from .errors import InputError
 # what np.load raises for a directory, an empty or truncated file, pickled data
 _UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
+# dtype kinds read as real numbers: bool, signed and unsigned integers, floats
+# (never strings, bytes, complex numbers, dates or objects)
+REAL_KINDS = "biuf"
+# the largest magnitude of a value fed to the energy, which squares and sums it:
+# about the square root of the largest float64 (1.8e308), with room for the sums
+MAX_MAGNITUDE = 1e150
+
 
 def _unreadable(arg: str, path: str, exc: Exception, fix: str) -> InputError:
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -53,6 +60,26 @@ def read_npy(path: str, arg: str, fix: str) -> np.ndarray:
         x.close()
         raise InputError(arg, f"{path}, an .npz archive", fix)
     return x
+
+
+def real_array(value, arg: str, what: str, where: str = "",
+               fix: str = "store real numbers") -> np.ndarray:
+    """``value`` as a float64 array; an InputError naming ``arg`` unless its
+    dtype holds real numbers (complex values are refused, not cut to their real
+    part; strings are refused, not parsed)."""
+    value = np.asarray(value)
+    if value.dtype.kind not in REAL_KINDS:
+        raise InputError(arg, f"{what} of dtype {value.dtype}{where}", fix)
+    return value.astype(np.float64)
+
+
+def check_magnitude(value: np.ndarray, arg: str, what: str, fix: str) -> None:
+    """Refuse finite values too large for the energy, which squares them."""
+    if value.size and float(np.max(np.abs(value))) > MAX_MAGNITUDE:
+        raise InputError(arg, f"{what} with values up to "
+                         f"{float(np.max(np.abs(value))):.3g}", f"the energy squares "
+                         f"them, which overflows float64; {fix} (to below "
+                         f"{MAX_MAGNITUDE:g})")
 
 
 def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:

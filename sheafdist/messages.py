@@ -54,7 +54,8 @@ def encode_edge(
     msg = {
         "v": VERSION, "kind": "edge", "edge": edge, "src": src, "dst": dst,
         "round": int(round_), "dtype": "<f8", "shape": list(value.shape),
-        "data": value.tobytes(),
+        # a view: msgpack copies it once, into the payload the wire carries
+        "data": memoryview(value).cast("B"),
     }
     if sent is not None:
         msg["sent"] = float(sent)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
-from .files import atomic_savez, read_npz
+from .files import MAX_MAGNITUDE, atomic_savez, read_npz, real_array
 
 OUTPUTS = ("identity", "sigmoid", "softmax")
 
@@ -156,6 +156,14 @@ def check_model(model: MLP, source: str = "model") -> None:
         for name, arr in ((f"W{layer}", w), (f"b{layer}", b)):
             if not np.all(np.isfinite(arr)):
                 raise InputError(source, f"{name} with NaN or inf", "fix the file")
+            # the Laplacian holds W^T W: its entries are at most |W|_F^2
+            peak = float(np.max(np.abs(arr)))
+            norm = peak * float(np.linalg.norm(arr / peak)) if peak > 0 else 0.0
+            if norm > MAX_MAGNITUDE:
+                raise InputError(
+                    source, f"{name} with values up to {peak:.3g} (norm {norm:.3g})",
+                    "the sheaf Laplacian squares the weights, which overflows "
+                    f"float64; scale them down (to a norm below {MAX_MAGNITUDE:g})")
 
 
 def load_model(path: str, arg: str = "--model") -> MLP:
@@ -163,6 +171,12 @@ def load_model(path: str, arg: str = "--model") -> MLP:
     output = "identity"
     if "output" in data:
         output = str(data["output"])
+    # str.isdigit also takes digits such as "²", which int() refuses
+    odd = sorted(k for k in data if k[:1] in "Wb" and k[1:].isdigit()
+                 and not k[1:].isascii())
+    if odd:
+        raise InputError(arg, f"{path} with the key {odd[0]!r}", "name the "
+                         "layers W1..WK and b1..bK with the ASCII digits 0-9")
     layers = sorted(int(k[1:]) for k in data if k[:1] in "Wb" and k[1:].isdigit())
     K = max(layers, default=0)
     if K == 0:
@@ -174,8 +188,9 @@ def load_model(path: str, arg: str = "--model") -> MLP:
             if key not in data:
                 raise InputError(arg, f"{path} without {key} (it has layers up to "
                                  f"{K})", f"add {key}")
-        w_l = np.asarray(data[f"W{layer}"], dtype=np.float64)
-        b_l = np.asarray(data[f"b{layer}"], dtype=np.float64)
+        # strings and complex numbers are refused, not parsed or cut to real
+        w_l = real_array(data[f"W{layer}"], arg, f"W{layer}", f" in {path}")
+        b_l = real_array(data[f"b{layer}"], arg, f"b{layer}", f" in {path}")
         if b_l.ndim == 1:
             b_l = b_l.reshape(-1, 1)
         W.append(w_l)
@@ -195,7 +210,8 @@ TORCH_LAYERS = ("Linear", "ReLU", "Sigmoid", "Softmax")
 
 
 def from_torch(seq, source: str = "--torch") -> MLP:
-    """An :class:`MLP` from a PyTorch ``nn.Sequential`` of ``Linear`` and ``ReLU``.
+    """An :class:`MLP` from a PyTorch ``nn.Sequential`` of ``Linear`` and ``ReLU``
+    layers, maybe ending in ``Sigmoid`` or ``Softmax``.
 
     The layers must alternate ``Linear, ReLU, Linear, ..., Linear``, optionally
     ending in ``Sigmoid`` or ``Softmax(dim=-1 or 1)`` (the output nonlinearity).
@@ -258,8 +274,9 @@ def load_torch(path: str, arg: str = "--torch") -> MLP:
                   else f"unreadable by torch.load: {type(exc).__name__}: "
                   + " ".join(str(exc).split())[:160])
         raise InputError(arg, f"{path} ({reason})", "save an nn.Sequential of "
-                         "Linear and ReLU layers with torch.save(model, path)"
-                         ) from None
+                         "Linear layers with a ReLU between each pair, optionally "
+                         "ending in Sigmoid or Softmax(dim=-1), with "
+                         "torch.save(model, path)") from None
     if not isinstance(seq, nn.Sequential):
         raise InputError(arg, f"{path} holding a {type(seq).__name__}", "save the "
                          "nn.Sequential itself with torch.save(model, path)")

@@ -72,6 +72,12 @@ def from_file(graph: SheafGraph, path: str) -> list[list[str]]:
         raise InputError("--partition", path, f"not a readable JSON file ({exc})") \
             from None
     if isinstance(raw, dict):
+        for v, b in raw.items():  # True == 1 and 1.0 == 1 would merge blocks
+            if isinstance(b, bool) or not isinstance(b, int | str):
+                raise InputError("--partition", f"{path}, which maps {v!r} to "
+                                 f"{json.dumps(b)}", "a map gives each vertex a "
+                                 'block number or name, e.g. {"a0": 0, "z1": 0, '
+                                 '"a1": 1, "z2": 1}')
         numbers = sorted(set(raw.values()), key=str)
         raw = [[v for v, b in raw.items() if b == n] for n in numbers]
     if not isinstance(raw, list) or not all(

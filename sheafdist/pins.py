@@ -82,6 +82,27 @@ def parse_pin(text: str, graph: SheafGraph, soft: bool = False) -> HardPin | Sof
     return SoftPin(vertex, coords, values, gamma)
 
 
+def parse_pins(texts: list[str], graph: SheafGraph,
+               soft: bool = False) -> list[HardPin] | list[SoftPin]:
+    """Every ``--pin`` (or ``--soft-pin``); two hard pins may not set the same
+    coordinate, since only the last would hold."""
+    pins = [parse_pin(text, graph, soft) for text in texts]
+    if soft:  # two soft pins on one coordinate add up: two springs
+        return pins
+    seen: dict[tuple[str, int], int] = {}
+    for i, pin in enumerate(pins):
+        coords = range(graph.vertices[pin.vertex].dim) if pin.coords is None \
+            else sorted(set(pin.coords))
+        for c in coords:
+            first = seen.setdefault((pin.vertex, c), i)
+            if first != i:
+                raise InputError("--pin", f"{texts[first]!r} and {texts[i]!r}",
+                                 f"both pin "
+                                 f"{pin.vertex}[{c}] and only the last would "
+                                 "hold; pin each coordinate once")
+    return pins
+
+
 def with_input_pin(
     x: np.ndarray, hard: list[HardPin], soft: list[SoftPin]
 ) -> list[HardPin]:

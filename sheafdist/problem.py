@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import InputError
+from .files import MAX_MAGNITUDE, real_array
+from .memory import check_run
 from .model import MLP, forward
 from .pins import HardPin, SoftPin, with_input_pin
 from .rules import Block, Config
@@ -54,10 +56,12 @@ def initial_stalks(
     x: np.ndarray,
     init: str | dict[str, np.ndarray],
     seed: int | np.random.Generator | None = 0,
+    arg: str = "--init",
 ) -> dict[str, np.ndarray]:
     """Starting stalks: the forward pass, N(0,1) noise, zeros, or given arrays.
 
     ``a0`` is always ``x``; random draws follow the vertex order of the path.
+    Errors about given arrays name ``arg``, the option that gave them.
     """
     batch = x.shape[1]
     if isinstance(init, dict):
@@ -66,16 +70,16 @@ def initial_stalks(
             if v == "a0":
                 continue
             if v not in init:
-                raise InputError("--init", f"a state without {v}", f"add {v}")
-            arr = np.asarray(init[v], dtype=np.float64)
+                raise InputError(arg, f"a state without {v}", f"add {v}")
+            arr = real_array(init[v], arg, v)  # a copy; no strings, no complex
             if arr.shape != (vert.dim, batch):
                 raise InputError(
-                    "--init", f"{v} of shape {arr.shape}",
+                    arg, f"{v} of shape {arr.shape}",
                     f"it must be ({vert.dim}, {batch}) to match the input",
                 )
             if not np.all(np.isfinite(arr)):
-                raise InputError("--init", f"{v} with NaN or inf", "fix the state")
-            stalks[v] = arr.copy()
+                raise InputError(arg, f"{v} with NaN or inf", "fix the state")
+            stalks[v] = arr
         return stalks
     if init == "forward":
         fwd = forward(model, x)
@@ -96,7 +100,11 @@ def initial_stalks(
     raise InputError("--init", repr(init), f"use one of {INITS} or a state .npz")
 
 
-def check_input(model: MLP, x: np.ndarray, arg: str = "--input") -> np.ndarray:
+def check_input(model: MLP, x: np.ndarray, arg: str = "--input",
+                model_arg: str = "--model") -> np.ndarray:
+    """``x`` as float64 ``(n0, batch)``: real, finite, at least one column, a run
+    on it fits in memory (else the error names ``model_arg`` or ``arg``), and its
+    forward pass stays in the range the energy can square."""
     x = np.asarray(x)
     if x.ndim == 1:
         x = x.reshape(-1, 1)
@@ -105,15 +113,34 @@ def check_input(model: MLP, x: np.ndarray, arg: str = "--input") -> np.ndarray:
             arg, f"an array of shape {x.shape}",
             f"it must be (n0, batch) = ({model.arch[0]}, batch) for this model",
         )
-    if not np.issubdtype(x.dtype, np.number):
-        raise InputError(arg, f"dtype {x.dtype}", "give a numeric array")
-    x = x.astype(np.float64)
+    if x.shape[1] == 0:
+        raise InputError(arg, f"an array of shape {x.shape}, no inputs",
+                         "give at least one column (one input per column)")
+    x = real_array(x, arg, "an array", fix="give real numbers")
     if not np.all(np.isfinite(x)):
         bad = np.argwhere(~np.isfinite(x))[0]
         raise InputError(
             arg, f"NaN or inf at row {bad[0]}, column {bad[1]}", "give finite values"
         )
+    check_run(model.arch, x.shape[1], model.output, model_arg, arg,
+              blame_net=False)
+    check_forward(model, x, arg)
     return x
+
+
+def check_forward(model: MLP, x: np.ndarray, arg: str) -> None:
+    """Refuse inputs whose forward pass leaves the range of float64 that the
+    energy, which squares the stalks, can hold."""
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below instead
+        state = forward(model, x)
+    for v, arr in state.items():
+        peak = float(np.max(np.abs(arr)))
+        if not peak <= MAX_MAGNITUDE:  # NaN included
+            raise InputError(
+                arg, f"values up to {float(np.max(np.abs(x))):.3g}, whose forward "
+                f"pass reaches |{v}| = {peak:.3g}", "that overflows float64 when "
+                "the energy squares it; scale the input (or the weights) down so "
+                f"that the forward pass stays below {MAX_MAGNITUDE:g}")
 
 
 def inference_problem(

@@ -103,13 +103,17 @@ def sgd_train(
         if callback is not None:
             callback(step, model, train, test)
 
-    if start_step == 0:
+    if start_step == 0 and not history["step"]:  # resumed at 0: logged already
         log(0)
-    for step in range(start_step + 1, steps + 1):
-        dW, db = gradients(model, X, Y)
-        for layer in range(model.depth):
-            model.W[layer] = model.W[layer] - lr * dW[layer]
-            model.b[layer] = model.b[layer] - lr * db[layer]
-        if step % log_every == 0 or step == steps:
-            log(step)
+    with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported
+        for step in range(start_step + 1, steps + 1):
+            dW, db = gradients(model, X, Y)
+            for layer in range(model.depth):
+                model.W[layer] = model.W[layer] - lr * dW[layer]
+                model.b[layer] = model.b[layer] - lr * db[layer]
+            if not all(np.all(np.isfinite(w)) for w in model.W):
+                log(step)  # diverged: the loss it logs is not finite; stop here
+                break
+            if step % log_every == 0 or step == steps:
+                log(step)
     return model, history

@@ -154,7 +154,8 @@ def coboundary(model: MLP, pattern: list[np.ndarray]) -> Coboundary:
         w, b = model.W[layer - 1], model.b[layer - 1]
         a_start, a_dim, _ = cols[f"a{layer - 1}"]
         put(r, cols[f"z{layer}"][0], sp.identity(n))
-        put(r, a_start, -np.hstack([w, np.diag(b[:, 0])]))
+        # [W, diag(b)]: the diagonal sparse, never an (n, n) dense array
+        put(r, a_start, -sp.hstack([sp.csr_matrix(w), sp.diags(b[:, 0])]))
         r += n
         if layer < K:
             sigma = np.asarray(pattern[layer - 1], dtype=float)
@@ -279,10 +280,17 @@ def laplacian_spectrum(model: MLP, x_col: np.ndarray) -> np.ndarray:
 
 def lambda_max(model: MLP, x_col: np.ndarray, pattern=None) -> float:
     pattern = forward_pattern(model, x_col) if pattern is None else pattern
-    L_oo, _ = coboundary(model, pattern).blocks_of_laplacian()
-    if L_oo.shape[0] <= 400:
+    cb = coboundary(model, pattern)
+    if len(cb.free) <= 400:
+        L_oo, _ = cb.blocks_of_laplacian()
         return float(scipy.linalg.eigvalsh(L_oo.toarray())[-1])
-    return float(spla.eigsh(L_oo, k=1, which="LA", return_eigenvectors=False)[0])
+    # L[Omega,Omega] = D^T D with D = delta[:, Omega], applied without forming it:
+    # its blocks W^T W are dense (n, n), D holds only the weights
+    D = cb.delta_free.tocsr()
+    DT = D.T.tocsr()
+    op = spla.LinearOperator((D.shape[1], D.shape[1]), dtype=np.float64,
+                             matvec=lambda v: DT @ (D @ v))
+    return float(spla.eigsh(op, k=1, which="LA", return_eigenvectors=False)[0])
 
 
 def stable_step(model: MLP, x: np.ndarray, alpha: float, samples: int = 16) -> float:

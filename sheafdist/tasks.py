@@ -18,7 +18,8 @@ from types import MappingProxyType
 import numpy as np
 
 from .errors import InputError
-from .files import atomic_savez, read_npz
+from .files import atomic_savez, check_magnitude, read_npz, real_array
+from .memory import DATA_COPIES, FLOAT, check_fits
 from .model import OUTPUTS
 
 __all__ = [
@@ -234,6 +235,10 @@ def make_task(
         )
     _check_count("n_train", n_train, minimum=1)
     _check_count("n_test", n_test, minimum=0)
+    arch, n = TASKS[name].arch_1h, n_train + n_test
+    check_fits("--n-test" if n_test > n_train else "--n-train",
+               f"{n_train} training and {n_test} test examples of {name}",
+               FLOAT * DATA_COPIES * (arch[0] + arch[-1]) * n, "give fewer")
     rng = np.random.default_rng(seed)
     X, Y = _GENERATORS[name](rng, n_train + n_test)
     test = (X[:, n_train:], Y[:, n_train:]) if n_test else (None, None)
@@ -278,6 +283,9 @@ def load_data(path: str, output: str = "identity") -> Dataset:
     arrays = {k: _as_matrix(path, k, data[k]) for k in keys}
     _check_shapes(path, arrays)
     _check_targets(path, arrays, output)
+    if "X_test" in arrays and arrays["X_test"].shape[1] == 0:
+        # a test pair without examples is no test set, as with --n-test 0
+        del arrays["X_test"], arrays["Y_test"]
     return Dataset(
         arrays["X_train"],
         arrays["Y_train"],
@@ -298,10 +306,8 @@ def save_data(dataset: Dataset, path: str) -> None:
 
 def _as_matrix(path: str, key: str, value: np.ndarray) -> np.ndarray:
     """A finite real 2-D float64 copy of ``value``."""
-    if value.dtype.kind not in "biuf":
-        raise InputError(
-            "--data", f"{key} of dtype {value.dtype} in {path}", "store real numbers"
-        )
+    # a float64 copy; strings and complex numbers are refused
+    value = real_array(value, "--data", key, f" in {path}")
     if value.ndim != 2:
         raise InputError(
             "--data",
@@ -313,7 +319,8 @@ def _as_matrix(path: str, key: str, value: np.ndarray) -> np.ndarray:
         raise InputError(
             "--data", f"{key} with {bad} NaN or inf entries in {path}", "remove them"
         )
-    return np.array(value, dtype=np.float64)
+    check_magnitude(value, "--data", f"{key} in {path}", "scale them down")
+    return value
 
 
 def _check_shapes(path: str, arrays: dict[str, np.ndarray]) -> None:

@@ -11,6 +11,8 @@ map was computed from.
 
 from __future__ import annotations
 
+import math
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -29,28 +31,136 @@ def is_update(record: dict) -> bool:
     return record.get("kind") == "update"
 
 
-def read_trace(path: str) -> Iterator[dict]:
-    """Every record of a trace file, each checked to carry the known fields."""
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _time(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) \
+        and math.isfinite(v)
+
+
+def _name(v) -> bool:
+    return isinstance(v, str)
+
+
+def _reads(v) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r)
+        for r in v)
+
+
+# what each field of a record must hold, and its words for the error
+_CHECKS = {
+    "round": (_count, "an integer >= 0"), "bytes": (_count, "an integer >= 0"),
+    "src_block": (_count, "an integer >= 0"), "dst_block": (_count, "an integer >= 0"),
+    "block": (_count, "an integer >= 0"),
+    "sent": (_time, "a finite time in seconds"),
+    "received": (_time, "a finite time in seconds"),
+    "time": (_time, "a finite time in seconds"),
+    "edge": (_name, "an edge name"), "src": (_name, "a vertex name"),
+    "dst": (_name, "a vertex name"),
+    "transport": (lambda v: v in ("local", "remote"), '"local" or "remote"'),
+    "reads": (_reads, 'a list of [edge or "stalk", vertex] pairs'),
+}
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bytes: "binary data",
+          list: "a list", bool: "a boolean", type(None): "nil"}
+
+
+def _check_record(path: str, n: int, record) -> None:
+    """One record of a trace: a map of the known fields, each of its type."""
+    fix = "give a trace written by --trace"
+    if not isinstance(record, dict):
+        kind = _KINDS.get(type(record), type(record).__name__)
+        raise InputError("FILE", f"{path}, whose record {n} is {kind}, not a trace "
+                         "record (a map)", fix)
+    kind = record.get("kind", "message")
+    if kind not in ("message", "update"):
+        raise InputError("FILE", f"{path}, whose record {n} has kind "
+                         f"{kind!r:.40}", f"a record is a message or an update; "
+                         f"{fix}")
+    need = UPDATE_FIELDS if kind == "update" else FIELDS
+    missing = [k for k in need if k not in record]
+    if missing:
+        raise InputError("FILE", f"{path}, whose record {n} is a map without "
+                         f"{', '.join(missing)}", fix)
+    for key in need:
+        test, words = _CHECKS[key]
+        if not test(record[key]):
+            raise InputError("FILE", f"{path}, whose record {n} has {key} = "
+                             f"{record[key]!r:.40}", f"{key} must be {words}; {fix}")
+
+
+def read_trace(path: str, status: dict | None = None) -> Iterator[dict]:
+    """Every record of a trace file, each checked to carry the known fields with
+    values of their types.
+
+    An empty file, or one without a complete record, is refused. A stream whose
+    last record is incomplete (a run still writing, or stopped mid-write) yields
+    the complete ones; ``status["truncated"]`` then holds the bytes of the
+    incomplete tail (0 otherwise), and ``status["records"]`` the records read.
+    """
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise InputError("FILE", path, f"cannot read it ({exc.strerror})") from None
     with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise InputError("FILE", f"{path}, an empty file", "give a trace "
+                             "written by --trace (a run writes its first records "
+                             "after its first round)")
         unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=True,
                                     max_buffer_size=1 << 24)
+        n, end = 0, 0
         try:
-            for n, record in enumerate(unpacker):
-                need = UPDATE_FIELDS if isinstance(record, dict) and is_update(
-                    record) else FIELDS
-                if not isinstance(record, dict) or not set(need) <= set(record):
-                    raise InputError("FILE", f"{path}, record {n} = {record!r:.80}",
-                                     "give a trace written by --trace")
+            for n, record in enumerate(unpacker, start=1):  # noqa: B007
+                _check_record(path, n - 1, record)
+                end = unpacker.tell()
                 yield record
         except InputError:  # a ValueError too: keep its record and reason
             raise
         except (msgpack.UnpackException, ValueError) as exc:
-            raise InputError("FILE", f"{path} ({exc.__class__.__name__})",
-                             "give a trace written by --trace") from None
+            raise InputError("FILE", f"{path} ({exc.__class__.__name__} after "
+                             f"{n} records)", "give a trace written by --trace"
+                             ) from None
+        if n == 0:
+            raise InputError("FILE", f"{path}, {size} bytes without one complete "
+                             "record", "give a trace written by --trace")
+        if status is not None:
+            status["records"], status["truncated"] = n, size - end
+
+
+def check_model_of(records, graph: SheafGraph, path: str, model: str) -> None:
+    """Refuse a model that is not the one the trace was written with: every
+    edge and vertex a record names must be in the model's sheaf, and each
+    message must carry ``8 x dim x batch`` bytes for its edge, one batch for all."""
+    shape = f"[{','.join(map(str, graph.arch))}] {graph.output}"
+    fix = "give the model the trace was written with"
+    batch = None
+    for n, r in enumerate(records):
+        e = graph.edges.get(r["edge"])
+        if e is None:
+            raise InputError("--model", f"{model} ({shape}), whose sheaf has no "
+                             f"edge {r['edge']!r:.40} (record {n} of {path}); the "
+                             f"edges are {', '.join(graph.edges)}", fix)
+        names = [x[1] for x in r["reads"]] if is_update(r) else [r["src"], r["dst"]]
+        unknown = [v for v in names if v not in graph.vertices]
+        if unknown:
+            raise InputError("--model", f"{model} ({shape}), whose sheaf has no "
+                             f"vertex {unknown[0]!r:.40} (record {n} of {path})",
+                             fix)
+        if is_update(r):
+            continue
+        per_column = 8 * e.dim
+        if r["bytes"] % per_column or r["bytes"] == 0 or (
+                batch is not None and r["bytes"] != per_column * batch):
+            expect = f"8 x {e.dim} x {batch}" if batch else f"8 x {e.dim} x batch"
+            raise InputError("--model", f"{model} ({shape}), whose edge {e.name} "
+                             f"carries {expect} bytes, but record {n} of {path} "
+                             f"has {r['bytes']}", fix)
+        batch = r["bytes"] // per_column
 
 
 def summarise(records) -> dict:

@@ -35,7 +35,7 @@ from .files import atomic_savez, read_npz
 from .model import MLP, check_model, loss, save_model
 from .problem import initial_stalks, training_problem
 from .rules import Config
-from .sheaf import stable_step
+from .sheaf import build_graph, stable_step
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +421,16 @@ def _parse_checkpoint(data: dict) -> dict:
     for v, s in stalks.items():
         if s.ndim != 2 or not np.all(np.isfinite(s)):
             raise ValueError(f"stalk_{v} is not a finite (dim, batch) array")
+    # one stalk per vertex of the training sheaf, each (width, the same batch)
+    vertices = build_graph(model.arch, "identity").vertices
+    if set(stalks) != set(vertices):
+        raise ValueError(f"stalks of {sorted(stalks)}, not of the vertices "
+                         f"{list(vertices)} of [{','.join(map(str, model.arch))}]")
+    batch = stalks["a0"].shape[1]
+    for v, s in stalks.items():
+        if s.shape != (vertices[v].dim, batch):
+            raise ValueError(f"stalk_{v} of shape {s.shape}, not "
+                             f"({vertices[v].dim}, {batch})")
     history = {k: data[f"history_{k}"].tolist() for k in HISTORY_KEYS}
     if len({len(h) for h in history.values()}) != 1:
         raise ValueError("history columns of different lengths")

@@ -166,6 +166,81 @@ def test_diagnose_bad_input_exits_2_with_one_line(capsys, files, tmp_path, argv,
     one_line_error(err, *words)
 
 
+@pytest.mark.parametrize("argv, words", [
+    # a state's a0 of another batch once broke np.allclose with a ValueError
+    (["--input", "{x}", "--state", "{st_a0}"], ["--state", "a0 of shape (2, 3)",
+                                                "(2, 6)", "drop --input"]),
+    # a stalk of the wrong shape was blamed on --init, an option not given
+    (["--input", "{x}", "--state", "{st_z1}"], ["--state", "z1 of shape (3, 6)"]),
+    (["--input", "{x}", "--state", "{st_text}"], ["--state", "z1", "<U3"]),
+    (["--input", "{x}", "--state", "{st_complex}"], ["--state", "z1", "complex128"]),
+    (["--input", "{x}", "--labels", "{y_text}"], ["--labels", "<U1",
+                                                  "real numbers"]),
+    (["--input", "{x}", "--labels", "{y_empty}"], ["--labels", "(1, 0)"]),
+    (["--input", "{x}", "--labels", "{y_big}"], ["--labels", "overflows float64"]),
+    (["--input", "{x_empty}"], ["--input", "(2, 0)", "at least one column"]),
+    (["--input", "{x_complex}"], ["--input", "complex128"]),
+    (["--task", "paraboloid", "--n", "5", "--training-state", "{st_task}"],
+     ["--training-state", "a0 of shape (2, 300)", "(2, 5)", "--n"]),
+])
+def test_diagnose_refuses_states_labels_and_inputs_that_do_not_fit(
+        capsys, files, tmp_path, argv, words):
+    model, x, _, p = files
+    state = forward(model, x)
+    paths = dict(p)
+
+    def save(name, value=None, **arrays):
+        if value is not None:
+            paths[name] = str(tmp_path / f"{name}.npy")
+            np.save(paths[name], value)
+        else:
+            paths[name] = str(tmp_path / f"{name}.npz")
+            np.savez(paths[name], **arrays)
+
+    save("st_a0", **{**state, "a0": x[:, :3]})
+    save("st_z1", **{**state, "z1": np.zeros((3, 6))})
+    save("st_text", **{**state, "z1": np.array("abc")})
+    save("st_complex", **{**state, "z1": state["z1"] + 1j})
+    save("y_text", np.array([["a"] * 6]))
+    save("y_empty", np.zeros((1, 0)))
+    save("y_big", np.full((1, 6), 1e200))
+    save("x_empty", np.zeros((2, 0)))
+    save("x_complex", x + 1j)
+    big = he_init([2, 30, 1], 0)
+    task = forward(big, np.random.default_rng(0).standard_normal((2, 300)))
+    save("st_task", **{f"stalk_{k}": v for k, v in task.items()})
+    paths["model"] = p["model"]
+    if "--task" in argv:
+        save_model(big, str(tmp_path / "big.npz"))
+        paths["model"] = str(tmp_path / "big.npz")
+    code, out, err = run(capsys, ["diagnose", "--model", paths["model"],
+                                  *[a.format(**paths) for a in argv]])
+    assert code == 2 and out == ""
+    one_line_error(err, *words)
+    assert "--init" not in err and "Warning" not in err
+
+
+def test_diagnose_refuses_spectra_larger_than_the_memory(capsys, files,
+                                                         monkeypatch, tmp_path):
+    """The spectral diagnostics take a dense eigendecomposition per input: for a
+    100000-wide layer once a MemoryError asking for 298 GiB."""
+    import sheafdist.memory
+
+    monkeypatch.setattr(sheafdist.memory, "physical_memory", lambda: 1 << 30)
+    _, _, _, p = files
+    save_model(he_init([2, 5000, 1], 0), str(tmp_path / "wide.npz"))
+    code, out, err = run(capsys, ["diagnose", "--model", tmp_path / "wide.npz",
+                                  "--input", p["x"]])
+    assert code == 2 and out == ""
+    one_line_error(err, "--model", "[2,5000,1]", "10001 x 10001", "GiB", "--n")
+
+
+def test_diagnose_help_says_which_torch_layers_it_takes(capsys):
+    assert main(["diagnose", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optionally ending in Sigmoid or Softmax(dim=-1)" in text
+
+
 def test_diagnose_without_torch_says_how_to_get_it(capsys, files, monkeypatch):
     import sys
 
@@ -218,7 +293,9 @@ def test_torch_files_with_other_layers_or_code_are_refused(capsys, tmp_path):
     code, _, err = run(capsys, ["diagnose", "--torch", bad, "--input",
                                 tmp_path / "x.npy"])
     assert code == 2
-    one_line_error(err, "--torch", "Tanh")
+    # the message names every layer that is taken, the output ones too
+    one_line_error(err, "--torch", "Tanh", "ReLU between each pair",
+                   "Sigmoid or Softmax(dim=-1)")
 
     class Evil:  # unpickling this would call os.system
         def __reduce__(self):

@@ -218,3 +218,114 @@ def test_trace_cli_summarises_and_checks_locality(golden_dir, ray_session,
     assert set(out["actor_pairs"]) == {"0->1", "1->0"}
     assert out["remote_messages"] == 2 * 50
     assert out["messages"] == 2 * len(graph.edges) * 50
+
+
+# ---------------------------------------------------------------- bad trace files
+
+
+def _records(batch: int = 4, rounds: int = 2, out: bool = False) -> list[dict]:
+    """The messages of a [2,5,1] sheaf (with a sigmoid output edge if ``out``)."""
+    edges = [("W1", "a0", "z1", 5), ("R1", "z1", "a1", 5), ("W2", "a1", "z2", 1)]
+    if out:
+        edges.append(("out", "z2", "a_out", 1))
+    return [{"kind": "message", "round": t, "edge": e, "src": s, "dst": d,
+             "bytes": 8 * dim * batch, "sent": 100.0 + t, "received": 100.001 + t,
+             "transport": "remote", "src_block": 0, "dst_block": 1}
+            for t in range(1, rounds + 1) for e, a, b, dim in edges
+            for s, d in ((a, b), (b, a))]
+
+
+def _write(path, records) -> str:
+    import msgpack
+
+    with open(path, "wb") as f:
+        for r in records:
+            f.write(msgpack.packb(r, use_bin_type=True))
+    return str(path)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("bytes", "x", ["bytes = 'x'", "an integer >= 0"]),
+    ("edge", [1, 2], ["edge = [1, 2]", "an edge name"]),
+    ("round", [1], ["round = [1]"]),
+    ("sent", "a", ["sent = 'a'", "finite time"]),
+    ("received", float("inf"), ["received = inf"]),
+    ("transport", "carrier pigeon", ["transport"]),
+    ("reads", 5, ["reads = 5", "pairs"]),
+])
+def test_trace_refuses_records_with_fields_of_the_wrong_type(capsys, tmp_path,
+                                                             field, value, words):
+    records = _records()
+    if field == "reads":
+        records.append({"kind": "update", "round": 1, "edge": "W1", "block": 0,
+                        "time": 1.0, "reads": 5})
+    else:
+        records[3] = dict(records[3], **{field: value})
+    n = len(records) - 1 if field == "reads" else 3
+    code = main(["trace", _write(tmp_path / "t.msgpack", records)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sheafdist: error: FILE:"), err
+    assert f"record {n} has" in lines[0]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_trace_says_what_a_record_that_is_not_a_map_is(capsys, tmp_path):
+    np.savez(tmp_path / "m.npz", a=np.zeros(1))  # a zip file: 0x50 = 80 first
+    code = main(["trace", str(tmp_path / "m.npz")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "record 0 is an integer, not a trace record" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_empty_trace_is_refused_and_a_truncated_one_warned(capsys, tmp_path):
+    (tmp_path / "empty.msgpack").write_bytes(b"")
+    assert main(["trace", str(tmp_path / "empty.msgpack")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sheafdist: error: FILE:") and "an empty file" in err
+
+    whole = _write(tmp_path / "t.msgpack", _records())
+    data = open(whole, "rb").read()
+    (tmp_path / "cut.msgpack").write_bytes(data[:-7])  # the last record cut
+    assert main(["trace", str(tmp_path / "cut.msgpack"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["truncated"] is True
+    assert summary["messages"] == len(_records()) - 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sheafdist: warning: FILE:")
+    assert "incomplete record" in lines[0]
+    assert main(["trace", whole, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["truncated"] is False
+
+    (tmp_path / "head.msgpack").write_bytes(data[:5])  # not one whole record
+    assert main(["trace", str(tmp_path / "head.msgpack")]) == 2
+    assert "without one complete record" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch, output, out, words", [
+    ([2, 3, 1], "identity", False, ["--model", "[2,3,1]", "8 x 3 x batch"]),
+    ([2, 5, 2], "identity", False, ["--model", "W2", "8 x 2 x 4"]),
+    ([2, 5, 1], "identity", True, ["--model", "no edge 'out'"]),
+])
+def test_trace_refuses_a_model_other_than_the_traces(capsys, tmp_path, arch,
+                                                     output, out, words):
+    from sheafdist.model import he_init
+
+    trace = _write(tmp_path / "t.msgpack", _records(out=out))
+    save_model(he_init(arch, 0, output), str(tmp_path / "m.npz"))
+    code = main(["trace", trace, "--model", str(tmp_path / "m.npz")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sheafdist: error:")
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    # the model the trace was written with passes, without a violation
+    save_model(he_init([2, 5, 1], 0, "sigmoid" if out else "identity"),
+               str(tmp_path / "m.npz"))
+    assert main(["trace", trace, "--model", str(tmp_path / "m.npz")]) == 0
+    assert "locality: 0 violations" in capsys.readouterr().out

@@ -218,3 +218,80 @@ def test_metrics_scraped_during_a_ray_training_run(golden_dir, ray_session):
         assert sample(final, "sheafdist_edge_discord", **edge_labels(edge)) == value
     assert sample(final, "sheafdist_energy") == pytest.approx(result.energy,
                                                               rel=1e-12)
+
+
+# ---------------------------------------------------------------- --address
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once it is closed
+
+
+@pytest.mark.parametrize(
+    "address, words",
+    [(f"127.0.0.1:{closed_port()}", "no Ray cluster answers there"),
+     ("nosuchhost.invalid:6379", "no Ray cluster answers there"),
+     ("garbage", "give the Ray head as host:port")],
+)
+def test_an_address_without_a_cluster_is_one_line_at_once(case241, tmp_path,
+                                                          address, words):
+    """ray.init retries an unreachable head for minutes: the CLI must not. The
+    trace of an earlier run at --trace stays as it was."""
+    import subprocess
+    import sys
+
+    _, files = case241
+    trace = tmp_path / "earlier.trace"
+    trace.write_bytes(b"\x81\xa4kind\xa7message")
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sheafdist", "infer", "--model", files["model"],
+         "--input", files["input"], "--steps", "3", "--engine", "ray",
+         "--address", address, "--trace", str(trace)],
+        capture_output=True, text=True, timeout=120)
+    assert trace.read_bytes() == b"\x81\xa4kind\xa7message"
+    assert not (tmp_path / "earlier.trace.part").exists()
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - start < 30
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"sheafdist: error: --address: got '{address}'")
+    assert words in lines[0]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_ray_run_like_ctrl_c(tmp_path):
+    """SIGTERM (what a scheduler sends) stops `train` on Ray with exit 143 and a
+    hint to resume, not a stack dump; --resume then finishes the run."""
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    argv = [sys.executable, "-m", "sheafdist", "train", "--engine", "ray",
+            "--epochs", "40", "--steps-per-epoch", "200", "--n-train", "50",
+            "--baseline", "none", "--checkpoint", str(folder)]
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 120
+        while not (folder / "checkpoint.npz").exists():
+            assert proc.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    text = err.read_text()
+    assert code == 143, text
+    assert "SIGTERM received" not in text and "Traceback" not in text, text
+    assert text.strip().splitlines()[-1] == "sheafdist: error: terminated (SIGTERM)"
+    assert f"--resume {folder}" in text
+    done = subprocess.run([sys.executable, "-m", "sheafdist", "train", "--resume",
+                           str(folder), "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 40 * 200

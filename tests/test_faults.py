@@ -2,6 +2,8 @@
 bound of the current pattern, NaN or inf input is refused, and no NaN reaches a
 file unannounced."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -89,3 +91,24 @@ def test_a_diverging_sgd_baseline_is_announced(capsys, tmp_path):
     assert code == 0
     assert "baseline: SGD diverged" in err and "--sgd-lr" in err
     assert '"train_loss": null' in out and "NaN" not in out
+
+
+def test_a_diverged_sgd_baseline_never_reaches_a_checkpoint(capsys, tmp_path):
+    """The checkpoint keeps the baseline's last finite state: both files still
+    load, and a resumed run diverges the same way."""
+    from sheafdist.training import PREVIOUS, load_checkpoint
+
+    folder = tmp_path / "run"
+    argv = ["train", "--engine", "local", "--epochs", "3", "--steps-per-epoch",
+            "50", "--sgd-lr", "1000", "--json", "--checkpoint", str(folder)]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["sgd"]["train_loss"] is None
+    current = load_checkpoint(str(folder / "checkpoint.npz"))["sgd"]
+    assert current is not None and current["step"] < 150
+    for name in ("checkpoint.npz", PREVIOUS):  # both load: nothing is NaN
+        sgd = load_checkpoint(str(folder / name))["sgd"]
+        assert sgd is None or all(np.all(np.isfinite(w)) for w in sgd["model"].W)
+    assert main(["train", "--resume", str(folder), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["sgd"]["history"] == first["sgd"]["history"]

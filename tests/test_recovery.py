@@ -28,6 +28,24 @@ KILL_AFTER = 400  # rounds: past at least one complete checkpoint
 DETECTION_SECONDS = 15.0  # kill to recovery; generous on a loaded 2-core machine
 
 
+def kill_and_wait(actor, timeout: float = 30.0) -> None:
+    """``ray.kill`` only asks for the kill: wait until the actor really is gone,
+    so the engine's next call finds it dead rather than still answering."""
+    import ray
+
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.state.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"actor still alive {timeout:.0f}s after ray.kill")
+
+
 class Killer:
     """An observer that kills actor ``victim`` once, past round ``after``."""
 
@@ -114,22 +132,44 @@ def test_sync_inference_ends_as_if_uninterrupted(golden_dir, killed, how, victim
     assert killer.alive[-1] == n and killer.alive.index(n - 1) > 0
 
 
+def test_an_actor_lost_while_starting_is_started_again(golden_dir, ray_session,
+                                                      monkeypatch):
+    import ray
+
+    case = load_case(golden_dir, "inference_241")
+    ref = LocalEngine(make_problem(case)).run(300)
+    original, calls = RayEngine._connect, []
+
+    def connect(self):
+        calls.append(len(calls))
+        if len(calls) == 1:  # the first time only: an actor dies as it starts
+            ray.kill(self.actors[1], no_restart=True)
+        return original(self)
+
+    monkeypatch.setattr(RayEngine, "_connect", connect)
+    engine = RayEngine(make_problem(case), partition="vertex")
+    try:
+        result = engine.run(300)
+    finally:
+        engine.close()
+    assert len(calls) == 2
+    assert max_diff(result.stalks, ref.stalks) <= 1e-12
+
+
 def test_an_actor_lost_between_runs_is_restored_from_the_last_result(
         golden_dir, ray_session):
     """Killed while the driver does something else (an epoch boundary): the next
     call finds it dead, replaces it with the state the last run ended in, and
     the runs go on as one uninterrupted run."""
-    import ray
-
     case = load_case(golden_dir, "train_paraboloid_short")
     ref = LocalEngine(make_problem(case)).run(600)
     engine = RayEngine(make_problem(case), partition="layer")
     try:
         engine.run(300)
-        ray.kill(engine.actors[1], no_restart=True)
+        kill_and_wait(engine.actors[1])
         engine.model()  # between runs, as training reads the weights
         assert engine.recoveries == 1
-        ray.kill(engine.actors[0], no_restart=True)
+        kill_and_wait(engine.actors[0])
         result = engine.run(300)
         assert engine.recoveries == 2
     finally:

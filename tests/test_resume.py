@@ -204,8 +204,8 @@ def test_resume_refuses_options_that_change_the_run(capsys, broken_run):
     code, _, err = run(capsys, ["train", "--resume", str(broken_run), "--dt", "0.001"])
     assert code == 2
     assert err.strip() == ("sheafdist: error: --dt: got 0.001; a resumed run keeps "
-                           "the configuration of its checkpoint; drop it, or start "
-                           "a new run")
+                           "the configuration of its checkpoint (0.005); drop it, "
+                           "or start a new run")
 
 
 def test_resume_of_nothing_is_one_line(capsys, tmp_path):
@@ -304,3 +304,45 @@ def test_resume_needs_a_task_or_data_in_the_checkpoint(capsys, finished_run):
     code, _, err = run(capsys, ["train", "--resume", str(finished_run)])
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--resume: got task_name=null and data=null in the configuration" in err
+
+
+def test_a_bad_previous_checkpoint_never_replaces_a_good_current_one(capsys,
+                                                                    broken_run):
+    folder = broken_run
+    with np.load(folder / PREVIOUS, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["stalk_z1"] = arrays["stalk_z1"][:, :-1]  # one example short
+    np.savez(folder / PREVIOUS, **arrays)
+    current = (folder / "checkpoint.npz").read_bytes()
+    code, out, err = run(capsys, ["train", "--resume", str(folder / PREVIOUS)])
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sheafdist: error: --resume: got ")
+    assert "stalk_z1 of shape" in lines[0]
+    assert (folder / "checkpoint.npz").read_bytes() == current
+
+
+def test_an_option_given_with_resume_must_agree_with_the_checkpoint(capsys,
+                                                                    broken_run):
+    """Typing the checkpoint's own value is harmless; any other value, the
+    default included, is refused rather than silently dropped."""
+    code, _, err = run(capsys, ["train", "--resume", str(broken_run), "--engine",
+                                "ray"])  # ray is the default; the run was local
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("sheafdist: error: --engine: got ray; a resumed run "
+                          "keeps the configuration of its checkpoint ('local')")
+    code, out, err = run(capsys, ["train", "--resume", str(broken_run), "--engine",
+                                  "local", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["sheaf"]["train_loss"] > 0
+
+
+def test_a_new_run_never_overwrites_another_runs_checkpoint(capsys, broken_run):
+    before = (broken_run / "checkpoint.npz").read_bytes()
+    code, _, err = run(capsys, [*small(), "--checkpoint", str(broken_run)])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"sheafdist: error: --checkpoint: got {broken_run}, "
+                          "which holds the checkpoint of another run")
+    assert f"--resume {broken_run}" in err
+    assert (broken_run / "checkpoint.npz").read_bytes() == before

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 
 import msgpack
@@ -57,6 +58,7 @@ STALL_SECONDS = 120.0  # an actor that makes no progress this long fails the run
 CALL_TIMEOUT = 60.0  # every ray.get in the driver has a timeout
 LATENCY_SAMPLES = 256  # per edge and report: enough for quantiles, bounded memory
 TRACE_LIMIT = 200_000  # trace records an actor holds between two drains
+ADDRESS_SECONDS = 5.0  # to reach a Ray head named by --address
 ASYNC_POLL_SECONDS = 0.05  # how often the driver checks an async run's tolerance
 CHECKPOINT_EVERY = 1000  # rounds between the in-memory checkpoints of the blocks
 # Ray's own bound on the calls one actor has queued on another (max_pending_calls);
@@ -212,7 +214,7 @@ class BlockActor:
             await self._call(j, round_, pack(msgs))
             for (edge, v, _), m in zip(items, msgs, strict=False):
                 key = (edge, direction(self.graph.edges[edge], v), "remote")
-                add_traffic(self.traffic, key, 1, len(m["data"]))
+                add_traffic(self.traffic, key, 1, m["data"].nbytes)
 
     async def _call(self, j: int, round_: int, payload: bytes) -> None:
         """One fire-and-forget call to block ``j``; at Ray's bound on calls
@@ -454,13 +456,38 @@ class BlockActor:
         self.latest.clear()
 
 
+def check_address(address: str, arg: str = "--address") -> None:
+    """Refuse an address no Ray head could be at, or that nothing answers on,
+    in one line and within ADDRESS_SECONDS: ``ray.init`` itself retries an
+    unreachable head for minutes."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(arg, repr(address), "give the Ray head as host:port (e.g. "
+                         "127.0.0.1:6379), ray://host:port for Ray Client, or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_SECONDS).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise InputError(arg, repr(address), f"no Ray cluster answers there "
+                         f"({why}); start one with `ray start --head` or drop "
+                         f"{arg}") from None
+
+
 def init_ray(address: str | None = None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), or start an embedded local Ray."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        check_address(address, "RAY_ADDRESS")
+    elif address:
+        check_address(address)
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING,
                   log_to_driver=True)
     try:
@@ -482,14 +509,19 @@ def init_ray(address: str | None = None) -> None:
 
 class TraceWriter:
     """Appends records to a msgpack stream: one map per message, and one per
-    weight update with the edge values it read (see :mod:`sheafdist.trace`)."""
+    weight update with the edge values it read (see :mod:`sheafdist.trace`).
+
+    The stream grows in ``PATH.part`` and becomes ``PATH`` when the engine
+    closes, so a file already at ``PATH`` survives a run that never starts or
+    records nothing; a run that fails midway leaves the trace of what it did."""
 
     FIELDS = ("round", "edge", "src", "dst", "bytes", "sent", "received",
               "transport", "src_block", "dst_block")
 
     def __init__(self, path: str):
+        self.path, self.part = path, path + ".part"
         try:
-            self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+            self.file = open(self.part, "wb")  # noqa: SIM115 - closed by close()
         except OSError as exc:
             raise InputError("--trace", path, f"cannot write it ({exc.strerror})") \
                 from None
@@ -505,7 +537,14 @@ class TraceWriter:
         self.file.flush()
 
     def close(self) -> None:
+        if self.file.closed:
+            return
+        os.fsync(self.file.fileno())
         self.file.close()
+        if self.records:
+            os.replace(self.part, self.path)
+        else:
+            os.remove(self.part)
 
 
 class ActorLost(RunError):
@@ -548,8 +587,8 @@ class RayEngine:
         self.owner = {v: i for i, vs in enumerate(self.blocks) for v in vs}
         self._actor_args = (mode, max_staleness, local_steps, trace is not None,
                             checkpoint_every)
-        self.trace = TraceWriter(trace) if trace else None
         init_ray(address)
+        self.trace = TraceWriter(trace) if trace else None
         # a placement group reserves a slot for every actor before any starts, so
         # a cluster without room fails at once instead of half way through
         self.group = placement_group([{"CPU": 0.01}] * len(self.blocks),
@@ -564,8 +603,17 @@ class RayEngine:
             num_cpus=0.01, max_restarts=0,
             max_pending_calls=max_pending_calls + DRIVER_CALLS)(BlockActor)
         self.actors = [self._spawn(i) for i in range(len(self.blocks))]
-        self.placement = self._connect()
         self.rounds, self.generation, self.recoveries = 0, 0, 0
+        for attempt in range(max_recoveries + 1):
+            try:
+                self.placement = self._connect()
+                break
+            except ActorLost as exc:  # lost while starting: start it again
+                if attempt == max_recoveries:
+                    raise RunError(f"{exc} while starting; gave up after {attempt} "
+                                   "new tries") from None
+                log.warning("ray: %s while starting; starting it again", exc)
+                self._replace_lost("lost while starting")
         # Ray calls between actors since the start: sent, received, and sends
         # that waited at the bound on pending calls
         self.calls = {"sent": 0, "received": 0, "backpressure": 0}
@@ -672,15 +720,19 @@ class RayEngine:
         end, first_check = base + rounds, base + min_rounds
         # a checkpoint at the start: recovery never rolls back past this run
         self.checkpoint, self._partial = (base, self._states()), {}
+        lost: ActorLost | None = None
         for attempt in range(self.max_recoveries + 1):
             try:
+                # a recovery that loses an actor again counts as one more attempt
+                if lost is not None:
+                    self._recover(lost)
                 results = self._run_once(end, tol, first_check)
                 break
             except ActorLost as exc:
                 if attempt == self.max_recoveries:
                     raise RunError(f"{exc}; gave up after {attempt} recoveries") \
                         from None
-                self._recover(exc)
+                lost = exc
         stats = merge_stats([r["stats"] for r in results if r["stats"] is not None])
         if self._free_running():
             # async actors end at slightly different rounds: label them alike
@@ -757,29 +809,34 @@ class RayEngine:
 
     def _recover(self, cause: Exception) -> None:
         """Replace dead actors and roll every block back to the checkpoint."""
-        import ray
-
         r, states = self.checkpoint
         self.generation += 1
         self.recoveries += 1
         log.warning("ray: %s; recovering from the checkpoint of round %d", cause, r)
-        lost = []
-        for i, a in enumerate(self.actors):
-            try:
-                ray.get(self._submit(a, "abort", "recovering from a lost actor"),
-                        timeout=10)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                lost.append(i)
+        lost = self._replace_lost("recovering from a lost actor")
         if self.observer is not None:  # the gauge of actors alive shows the loss
             self.observer(self._reported,
-                          RoundStats(actors_alive=len(self.actors) - len(lost)), {})
-        for i in lost:
-            ray.kill(self.actors[i])
-            self.actors[i] = self._spawn(i)
+                          RoundStats(actors_alive=len(self.actors) - lost), {})
         self._get([self._submit(a, "restore", r, states[i], self.generation)
                    for i, a in enumerate(self.actors)])
         self.placement = self._connect()
         self.rounds, self._partial = r, {}
+
+    def _replace_lost(self, reason: str) -> int:
+        """Stop every actor's run with ``reason``; start again, with the problem's
+        initial block, those that do not answer. Returns how many were lost."""
+        import ray
+
+        lost = []
+        for i, a in enumerate(self.actors):
+            try:
+                ray.get(self._submit(a, "abort", reason), timeout=10)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                lost.append(i)
+        for i in lost:
+            ray.kill(self.actors[i])
+            self.actors[i] = self._spawn(i)
+        return len(lost)
 
     def _free_running(self) -> bool:
         """Whether the actors run without the exact sync protocol."""

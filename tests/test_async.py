@@ -105,6 +105,30 @@ def test_async_training_reaches_the_local_engines_loss(golden_dir, engines):
     assert loss(result.model, x, y) < 1.5 * loss(ref.model, x, y) + 1e-3
 
 
+def test_an_async_run_stops_soon_after_reaching_the_tolerance(golden_dir, engines):
+    """One actor never waits for a neighbour; the driver's calls must still get
+    in between its rounds, or the run goes on far past its tolerance (it did:
+    26,224 rounds where 4,741 were needed)."""
+    from dataclasses import replace
+
+    from sheafdist.problem import inference_problem
+
+    case = load_case(golden_dir, "inference_26441")
+    init = {v: s for v, s in case.init.items() if v != "a0"}
+
+    def problem():  # dt 0.1, inside the stable bound 0.184: a few thousand rounds
+        return inference_problem(case.model, case.x, replace(case.config, dt=0.1),
+                                 init)
+
+    needed = LocalEngine(problem()).run(100_000, tol=1e-9).rounds
+    result = engines(problem(), partition="single", mode="async").run(
+        100_000, tol=1e-9)
+    assert result.converged
+    # the driver polls every 50 ms and the actor lets it in every 50 ms: a few
+    # hundred milliseconds of rounds at most
+    assert needed <= result.rounds <= needed + 4000, (needed, result.rounds)
+
+
 def test_staleness_is_measured_and_bounded(golden_dir, engines):
     case = load_case(golden_dir, "inference_241")
     seen: list[dict] = []

@@ -61,6 +61,13 @@ TRACE_LIMIT = 200_000  # trace records an actor holds between two drains
 ADDRESS_SECONDS = 5.0  # to reach a Ray head named by --address
 ASYNC_POLL_SECONDS = 0.05  # how often the driver checks an async run's tolerance
 CHECKPOINT_EVERY = 1000  # rounds between the in-memory checkpoints of the blocks
+# An actor that never waits for a neighbour (one block, or async with fresh
+# values) holds the GIL: Ray's thread that hands it the driver's calls got in only
+# every 0.5-0.8 s (measured), so an async run overshot its tolerance by thousands
+# of rounds. Such an actor pauses BREATHE_SECONDS (epoll's resolution, the least
+# a sleep takes) once it has not waited for BREATHE_EVERY seconds: 2% of its time.
+BREATHE_EVERY = 0.05
+BREATHE_SECONDS = 0.001
 # Ray's own bound on the calls one actor has queued on another (max_pending_calls);
 # a sender at the bound waits for the receiver instead of queueing more. The
 # driver's handle needs room for one more, its long ``run`` call (its short calls
@@ -136,6 +143,7 @@ class BlockActor:
         self.trace: list[list] = []
         self.limit: float | None = None
         self._cond: asyncio.Condition | None = None
+        self._breathed = time.monotonic()
 
     @property
     def cond(self) -> asyncio.Condition:
@@ -246,6 +254,8 @@ class BlockActor:
                                        "local", self.index, self.index])
 
     async def _wait(self, ready) -> None:
+        if not ready():  # about to block: Ray's threads get the GIL meanwhile
+            self._breathed = time.monotonic()
         async with self.cond:
             await self.cond.wait_for(
                 lambda: self.error is not None or self.stop_requested or ready()
@@ -314,6 +324,15 @@ class BlockActor:
             self.saved.append((t, self._state()))
         return stats
 
+    async def _breathe(self) -> None:
+        """Let the driver's calls in between two rounds (see BREATHE_EVERY)."""
+        now = time.monotonic()
+        if now - self._breathed < BREATHE_EVERY:
+            await asyncio.sleep(0)
+            return
+        await asyncio.sleep(BREATHE_SECONDS)
+        self._breathed = time.monotonic()
+
     async def run(self, end: int, tol: float | None, first_check: int) -> dict:
         """Advance to round ``end``, or until the tolerance rule stops the run
         (checked from round ``first_check`` on). Rounds are absolute, so a run
@@ -373,7 +392,7 @@ class BlockActor:
             if tol is not None:
                 known.setdefault(t, {})[self.index] = (stats.max_change, stats.energy)
                 snaps[t] = self._snapshot(stats)
-            await asyncio.sleep(0)  # let statistics calls in between rounds
+            await self._breathe()  # let statistics calls in between rounds
         return {"index": self.index, "round": self.round, "converged": False,
                 "stats": self.stats}
 
@@ -409,7 +428,7 @@ class BlockActor:
             stats.staleness = {e: s + t - exchanged_at for e, s in staleness.items()}
             for e, age in stats.staleness.items():
                 self.staleness[e] = max(self.staleness.get(e, 0), age)
-            await asyncio.sleep(0)
+            await self._breathe()
         return {"index": self.index, "round": self.round, "converged": False,
                 "stats": self.stats}
 

@@ -93,6 +93,22 @@ def run_one(make, partition, mode, staleness, tau, rounds, tol):
     return result, actors, counter, n
 
 
+HEAD = f"{'partition':<10} {'mode':<6} {'S':>2} {'tau':>3} {'actors':>6} "
+
+
+def lead(partition, mode, s, tau, actors) -> str:
+    """The columns both tables start with: what ran, on how many actors."""
+    return f"{partition:<10} {mode:<6} {s:>2} {tau:>3} {actors:>6} "
+
+
+def configurations(partitions, modes, make, folder):
+    """Each partition (its name and the spec given to the engine) in each mode."""
+    for partition in partitions:
+        spec = mapping_file(make(), folder) if partition == "file" else partition
+        for mode, s, tau in modes:
+            yield partition, spec, mode, s, tau
+
+
 def distance(a: dict, b: dict) -> float:
     """The largest difference over the vertices both hold."""
     return max(float(np.max(np.abs(a[v] - b[v]))) for v in a if v in b)
@@ -108,19 +124,16 @@ def table_inference(partitions, modes, tol, max_rounds, folder):
                     golden_case("inference_26441").x)
     print(f"\n# [2,6,4,4,1] inference, dt 0.1, tol {tol:g}: local engine "
           f"{ref.rounds} rounds")
-    print(f"{'partition':<10} {'mode':<6} {'S':>2} {'tau':>3} {'actors':>6} "
-          f"{'rounds':>7} {'rounds/s':>9} {'msg/rnd':>8} {'B/rnd':>8} "
+    print(HEAD + f"{'rounds':>7} {'rounds/s':>9} {'msg/rnd':>8} {'B/rnd':>8} "
           f"{'stale':>5} {'|x-local|':>10} {'|x-fwd|':>10}")
-    for partition in partitions:
-        part = mapping_file(make(), folder) if partition == "file" else partition
-        for mode, s, tau in modes:
-            result, actors, c, n = run_one(make, part, mode, s, tau, max_rounds, tol)
-            to_forward = distance(result.stalks, exact)
-            print(f"{partition:<10} {mode:<6} {s:>2} {tau:>3} {actors:>6} "
-                  f"{result.rounds:>7} {n / result.seconds:>9.0f} "
-                  f"{c.messages['remote'] / n:>8.1f} {c.bytes['remote'] / n:>8.0f} "
-                  f"{c.staleness:>5} {distance(result.stalks, ref.stalks):>10.2e} "
-                  f"{to_forward:>10.2e}")
+    for partition, spec, mode, s, tau in configurations(partitions, modes, make,
+                                                        folder):
+        result, actors, c, n = run_one(make, spec, mode, s, tau, max_rounds, tol)
+        print(lead(partition, mode, s, tau, actors)
+              + f"{result.rounds:>7} {n / result.seconds:>9.0f} "
+              f"{c.messages['remote'] / n:>8.1f} {c.bytes['remote'] / n:>8.0f} "
+              f"{c.staleness:>5} {distance(result.stalks, ref.stalks):>10.2e} "
+              f"{distance(result.stalks, exact):>10.2e}")
 
 
 def table_training(partitions, modes, rounds, folder):
@@ -128,7 +141,7 @@ def table_training(partitions, modes, rounds, folder):
     from sheafdist.model import forward
 
     make = training()
-    problem, data = paraboloid_problem()
+    _, data = paraboloid_problem()
     ref = LocalEngine(make()).run(rounds)
 
     def loss(model) -> float:
@@ -137,19 +150,17 @@ def table_training(partitions, modes, rounds, folder):
 
     print(f"\n# [2,30,1] paraboloid training x300, {rounds} rounds: local engine "
           f"train MSE {loss(ref.model):.5f}")
-    print(f"{'partition':<10} {'mode':<6} {'S':>2} {'tau':>3} {'actors':>6} "
-          f"{'rounds/s':>9} {'msg/rnd':>8} {'B/rnd':>8} {'stale':>5} "
+    print(HEAD + f"{'rounds/s':>9} {'msg/rnd':>8} {'B/rnd':>8} {'stale':>5} "
           f"{'|W-local|':>10} {'train MSE':>10}")
-    for partition in partitions:
-        part = mapping_file(make(), folder) if partition == "file" else partition
-        for mode, s, tau in modes:
-            result, actors, c, n = run_one(make, part, mode, s, tau, rounds, None)
-            dw = max(float(np.max(np.abs(w - r)))
-                     for w, r in zip(result.model.W, ref.model.W, strict=True))
-            print(f"{partition:<10} {mode:<6} {s:>2} {tau:>3} {actors:>6} "
-                  f"{n / result.seconds:>9.0f} {c.messages['remote'] / n:>8.1f} "
-                  f"{c.bytes['remote'] / n:>8.0f} {c.staleness:>5} {dw:>10.2e} "
-                  f"{loss(result.model):>10.5f}")
+    for partition, spec, mode, s, tau in configurations(partitions, modes, make,
+                                                        folder):
+        result, actors, c, n = run_one(make, spec, mode, s, tau, rounds, None)
+        dw = max(float(np.max(np.abs(w - r)))
+                 for w, r in zip(result.model.W, ref.model.W, strict=True))
+        print(lead(partition, mode, s, tau, actors)
+              + f"{n / result.seconds:>9.0f} {c.messages['remote'] / n:>8.1f} "
+              f"{c.bytes['remote'] / n:>8.0f} {c.staleness:>5} {dw:>10.2e} "
+              f"{loss(result.model):>10.5f}")
 
 
 def staleness_sweep(bounds, taus, tol, max_rounds):

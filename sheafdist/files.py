@@ -34,7 +34,7 @@ def _open(path: str, arg: str, fix: str):
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise InputError(arg, path, "no such file") from None
+        raise InputError(arg, path, "no such file; check the path") from None
     except _UNREADABLE as exc:
         raise _unreadable(arg, path, exc, fix) from None
 

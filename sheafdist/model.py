@@ -267,7 +267,7 @@ def load_torch(path: str, arg: str = "--torch") -> MLP:
         with torch.serialization.safe_globals(allowed):
             seq = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise InputError(arg, path, "no such file") from None
+        raise InputError(arg, path, "no such file; check the path") from None
     except Exception as exc:  # unpickling refused, or not a torch file
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         reason = (f"it holds {refused[1]}, which is not allowed" if refused

@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what was typed
+    _SIGTERMS.clear()
     untrap = _trap_sigterm()
     restore = _setup_logging(args.verbose)
     json_out = sys.stdout
@@ -369,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        if isinstance(exc, _Terminated):
+        # Ray's calls may re-raise the signal as a plain KeyboardInterrupt
+        if isinstance(exc, _Terminated) or _SIGTERMS:
             _error("terminated (SIGTERM)")
             return 143
         _error("interrupted")
@@ -390,7 +392,11 @@ class _Terminated(KeyboardInterrupt):
     stay as they are, and the exit code is 128 + 15."""
 
 
+_SIGTERMS: list[int] = []  # set by the handler: what stopped the command
+
+
 def _on_sigterm(signum, frame) -> None:
+    _SIGTERMS.append(signum)
     raise _Terminated
 
 

@@ -254,12 +254,13 @@ class BlockActor:
                                        "local", self.index, self.index])
 
     async def _wait(self, ready) -> None:
-        if not ready():  # about to block: Ray's threads get the GIL meanwhile
-            self._breathed = time.monotonic()
-        async with self.cond:
-            await self.cond.wait_for(
-                lambda: self.error is not None or self.stop_requested or ready()
-            )
+        def done() -> bool:
+            return self.error is not None or self.stop_requested or ready()
+
+        if not done():
+            self._breathed = time.monotonic()  # blocking lets Ray's threads in
+            async with self.cond:
+                await self.cond.wait_for(done)
         if self.error is not None:
             raise RunError(self.error)
 

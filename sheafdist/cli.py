@@ -275,7 +275,18 @@ def cmd_trace(args) -> int:
              f"this summarises the {status['records']} complete records")
     bad = []
     if graph is not None:
-        from .trace import check_model_of, locality_violations
+        from .rowsplit import infer, refine
+        from .trace import check_model_of, is_update, locality_violations
+
+        # a run with --row-split names pieces like z2[1]: check against the
+        # refined sheaf, whose split the piece names give
+        names = set()
+        for r in read_trace(args.file):
+            names.update([x[1] for x in r["reads"]] if is_update(r)
+                         else [r["src"], r["dst"]])
+        splits = infer(graph, names)
+        if splits:
+            graph = refine(graph, splits)
 
         check_model_of(read_trace(args.file), graph, args.file, args.model)
         bad = locality_violations(read_trace(args.file), graph)
@@ -316,6 +327,11 @@ def _engine_options(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--partition", default="layer",
                    help="vertices per actor: vertex, layer, blocks:N or single "
                    "(default layer)")
+    p.add_argument("--row-split", metavar="LAYER:PIECES[,...]",
+                   help="spread hidden layer LAYER's stalks by rows over PIECES "
+                   "actors, e.g. 1:4 (a layer too wide for one process); the "
+                   "partition then places the pieces, layer giving each its own "
+                   "actor")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
                    help="round discipline of the Ray engine: sync equals the local "
                    "engine exactly; async steps on the newest values held (default "
@@ -507,6 +523,7 @@ def _check_mode(args) -> None:
                                      ("--local-steps", args.local_steps, 1),
                                      ("--trace", args.trace, None),
                                      ("--address", args.address, None),
+                                     ("--row-split", args.row_split, None),
                                      ("--partition", args.partition, "layer")):
             if value != default:
                 raise InputError(flag, value, "it applies to the Ray engine; add "
@@ -539,7 +556,7 @@ def _engine_options_of(args) -> dict:
         return {}
     return {"partition": args.partition, "mode": args.mode, "address": args.address,
             "max_staleness": args.max_staleness, "local_steps": args.local_steps,
-            "trace": args.trace}
+            "trace": args.trace, "row_split": args.row_split}
 
 
 def _scheme_of(args) -> dict:
@@ -559,10 +576,19 @@ def _explicit(args) -> bool:
     return args.scheme in ("euler", "momentum")
 
 
-def _check_partition(graph, spec: str) -> None:
+def _check_partition(graph, args) -> None:
+    """The partition (of the pieces, under a row split) and the row split,
+    checked before anything runs: InputErrors naming the option."""
     from .partition import partition
+    from .rowsplit import SPLIT_SCHEMES, parse, refine
 
-    partition(graph, spec)  # raises an InputError naming --partition
+    splits = parse(args.row_split, graph.arch)
+    if splits and args.scheme not in SPLIT_SCHEMES:
+        raise InputError("--row-split", f"{args.row_split} with --scheme "
+                         f"{args.scheme}", f"a row split runs --scheme "
+                         f"{' or '.join(SPLIT_SCHEMES)} (the others use whole "
+                         "vertices' own blocks); change --scheme or drop --row-split")
+    partition(refine(graph, splits) if splits else graph, args.partition)
 
 
 def _actor_count(engine) -> int:
@@ -674,7 +700,7 @@ def cmd_infer(args) -> int:
     hard = parse_pins(args.pin, graph)
     soft = parse_pins(args.soft_pin, graph, soft=True)
     init = _load_init(args.init)
-    _check_partition(graph, args.partition)
+    _check_partition(graph, args)
     gamma = max((p.gamma for p in soft), default=0.0)
     if _explicit(args):
         _check_stable(args.alpha, args.dt, _stable_bound(model, x, gamma))
@@ -904,7 +930,7 @@ def _train(args, resume: dict | None) -> int:
     if _explicit(args):
         _check_stable(alpha, dt, _stable_bound(identity, data.X_train, 1.0))
     graph = build_graph(arch, "identity")
-    _check_partition(graph, args.partition)
+    _check_partition(graph, args)
     if isinstance(init, dict):  # a state file: its shapes, before anything runs
         initial_stalks(model, graph, data.X_train, init)
 
@@ -1083,7 +1109,9 @@ RESUMED = ("task_name", "data", "data_seed", "n_train", "n_test", "arch", "outpu
            "init_text", "warm_start", "epochs", "steps_per_epoch", "dt", "alpha",
            "beta", "sgd_lr", "baseline", "seed", "scheme", "momentum", "omega",
            "engine", "partition", "mode", "max_staleness", "local_steps",
-           "checkpoint_every")
+           "checkpoint_every", "row_split")
+# keys a checkpoint written before they existed lacks, with what they meant then
+ADDED_LATER = {"row_split": None}
 # the option (argparse destination) of the keys named otherwise
 _RESUMED_DEST = {"task_name": "task", "init_text": "init"}
 # the keys that `train` always stores resolved: never null in a checkpoint
@@ -1167,6 +1195,8 @@ def _checked_config(cfg: dict, path: str) -> dict:
     out = {}
     for key, action in _resumed_actions().items():
         nullable = action.default is None and key not in RESOLVED
+        if key not in cfg and key in ADDED_LATER:
+            cfg = {**cfg, key: ADDED_LATER[key]}
         try:
             out[key] = _stored(action, cfg[key], nullable)
         except (argparse.ArgumentTypeError, TypeError, ValueError):
@@ -1211,7 +1241,7 @@ def _resume_args(args) -> dict:
     ckpt = load_checkpoint(path, "--resume")
     cfg = ckpt["config"].get("cli")
     missing = list(RESUMED) if not isinstance(cfg, dict) else \
-        [k for k in RESUMED if k not in cfg]
+        [k for k in RESUMED if k not in cfg and k not in ADDED_LATER]
     if missing:
         raise InputError("--resume", f"{path} without {', '.join(missing)} in its "
                          "configuration", "it was not written by `sheafdist train`; "

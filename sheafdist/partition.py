@@ -5,7 +5,9 @@ so the actors themselves form a path and each talks to at most two others.
 
 - ``vertex``: one vertex per actor (small networks, locality studies);
 - ``layer`` (the default): ``{a0, z1, a1}``, ``{z2, a2}``, ..., ``{zK, a_out}``;
-  the input rides with the first layer, since it only holds ``W1``;
+  the input rides with the first layer, since it only holds ``W1``. A layer cut
+  by a row split (:mod:`sheafdist.rowsplit`) gives one block per piece,
+  ``{z2[k], a2[k]}``;
 - ``blocks:N``: N stretches of about equal stalk size;
 - ``single``: everything in one actor;
 - a path to a JSON file: a list of blocks (lists of vertex names) or a map from
@@ -35,10 +37,11 @@ def partition(graph: SheafGraph, spec: str) -> list[list[str]]:
     if spec == "layer":
         blocks: list[list[str]] = []
         for v in order:
-            layer = graph.vertices[v].layer
-            if v.startswith("z") or not blocks:
-                if layer > 1 or not blocks:
-                    blocks.append([])
+            vert = graph.vertices[v]
+            # a row split's later pieces of z1 start blocks of their own too
+            later_piece = vert.rows is not None and vert.rows[0] > 0
+            if not blocks or (v.startswith("z") and (vert.layer > 1 or later_piece)):
+                blocks.append([])
             blocks[-1].append(v)
         return blocks
     if spec.startswith("blocks:"):

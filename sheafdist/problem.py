@@ -36,9 +36,12 @@ class Problem:
         return self.stalks["a0"].shape[1]
 
     def maps_of(self, owned: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The affine maps owned by the tails among ``owned``."""
+        """The affine maps owned by the tails among ``owned`` (each edge's block
+        of its layer's map, when a row split cut the edge)."""
+        from .rowsplit import map_of
+
         return {
-            e.name: (self.model.W[e.layer - 1], self.model.b[e.layer - 1])
+            e.name: map_of(e, self.model)
             for e in self.graph.edges.values()
             if e.kind == "affine" and e.tail in owned
         }

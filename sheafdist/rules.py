@@ -190,8 +190,13 @@ class Block:
         ]
         self.incident = {v: graph.incident(v) for v in owned}
         self.edges = {e.name: e for v in owned for e in self.incident[v]}
-        # an edge's discord is recorded once, by the block owning its head
-        self.recorded = [e for e in self.edges.values() if e.head in self.owned]
+        # the edges sharing each discrepancy this block meets (one edge each,
+        # unless a row split cut a vertex: see sheafdist.rowsplit)
+        self.groups = {e.shared: graph.members(e.shared) for e in self.edges.values()}
+        # a discrepancy's discord is recorded once, by the block owning its head,
+        # under the name of the whole edge: (discrepancy, whole edge)
+        self.recorded = list({e.shared: e.whole for e in self.edges.values()
+                              if e.head in self.owned}.items())
         self._build(
             {v: np.asarray(stalks[v], dtype=np.float64) for v in owned},
             {e: (np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64))
@@ -251,7 +256,7 @@ class Block:
         """Pickle the description and the values, never the buffers: the plan
         holds views, and an unpickled array may be read-only (Ray)."""
         keep = ("graph", "owned", "config", "hard", "soft", "target", "batch",
-                "free", "incident", "edges", "recorded")
+                "free", "incident", "edges", "groups", "recorded")
         state = {k: self.__dict__[k] for k in keep}
         state["snapshot"] = self.snapshot()
         return state
@@ -307,7 +312,10 @@ class Block:
             x = views[v]
             for e in self.incident[v]:
                 if v == e.head:
-                    sent[(e.name, v)] = x
+                    # a shared discrepancy's head answers after the partial sums
+                    # arrive (reply), not with its stalk
+                    if len(self.groups[e.shared]) == 1:
+                        sent[(e.name, v)] = x
                     continue
                 buf = np.empty((e.dim, batch))
                 sent[(e.name, v)] = buf
@@ -322,31 +330,47 @@ class Block:
         self._sent = sent
         self._send_ops = send_ops
 
-        # discrepancies, all in one flat buffer (one dot product is the energy)
-        names = list(self.edges)
+        # discrepancies, all in one flat buffer (one dot product is the energy):
+        # one per shared discrepancy whose head this block owns, else one per
+        # edge it meets as a tail
+        def key(e: Edge) -> str:
+            return e.shared if e.head in self.owned else e.name
+
+        names = list(dict.fromkeys(key(e) for e in self.edges.values()))
+        dims = {key(e): e.dim for e in self.edges.values()}
         pull = self.target is not None
-        n_d = sum(self.edges[e].dim * batch for e in names)
+        n_d = sum(dims[n] * batch for n in names)
         if pull:
             n_d += graph.vertices[graph.last].dim * batch
         self._dflat = np.empty(n_d)
         disc, offset = {}, 0
-        for e in names:
-            n = self.edges[e].dim
-            disc[e] = self._dflat[offset: offset + n * batch].reshape(n, batch)
-            offset += n * batch
+        for n in names:
+            disc[n] = self._dflat[offset: offset + dims[n] * batch].reshape(dims[n],
+                                                                           batch)
+            offset += dims[n] * batch
+        for e in self.edges.values():
+            disc[e.name] = disc[key(e)]
         local_ops, remote = [], []
         # which edge values form each discrepancy: a trace shows them for the
         # weight updates (an update reads its own edge only)
         self.reads: dict[str, list[tuple[str, str]]] = {}
-        for name in names:
-            e = self.edges[name]
-            self.reads[name] = [(name, e.head), (name, e.tail)]
-            head = sent.get(self.reads[name][0], self.reads[name][0])
-            tail = sent.get(self.reads[name][1], self.reads[name][1])
-            if isinstance(head, tuple) or isinstance(tail, tuple):
-                remote.append((disc[name], head, tail))
+        formed = {}
+        for e in self.edges.values():
+            members = self.groups[e.shared] if e.head in self.owned else [e]
+            reads = [(e.name, e.head)] + [(m.name, m.tail) for m in members]
+            self.reads[e.name] = reads
+            if key(e) in formed:
+                continue
+            head = sent.get(reads[0], views.get(e.head, reads[0]))
+            tails = [sent.get(r, r) for r in reads[1:]]
+            formed[key(e)] = (disc[key(e)], head, tails)
+            if any(type(x) is tuple for x in (head, *tails)):
+                remote.append(formed[key(e)])
             else:
-                local_ops.append(partial(np.subtract, head, tail, out=disc[name]))
+                local_ops.append(
+                    partial(np.subtract, head, tails[0], out=disc[key(e)])
+                    if len(tails) == 1 else
+                    partial(_form, disc[key(e)], head, tails, {}))
         step_ops = list(local_ops)
         if pull:
             n = graph.vertices[graph.last].dim
@@ -356,14 +380,31 @@ class Block:
                                     views[graph.last], d_out))
         self._disc, self._remote = disc, remote
 
+        # the answers of a shared discrepancy's head to the members whose tails
+        # are elsewhere: d + P_k, what member k's partial sum should have been
+        self._replies: dict[tuple[str, str], np.ndarray] = {}
+        self._reply_forms, self._reply_ops = [], []
+        for g, members in self.groups.items():
+            far = [m for m in members
+                   if m.head in self.owned and m.tail not in self.owned]
+            if len(members) == 1 or not far:
+                continue
+            self._reply_forms.append(formed[g])
+            for m in far:
+                r = np.empty((m.dim, batch))
+                self._replies[(m.name, m.head)] = r
+                self._reply_ops.append((r, disc[g], (m.name, m.tail)))
+
         # forces: the sum over incident edges in path order, then soft pins
         self._tmp = {}
         for v in self.free:
-            terms = []
+            terms, heads = [], set()
             for e in self.incident[v]:
                 d = disc[e.name]
                 if v == e.head:
-                    terms.append(("neg", d))
+                    if e.shared not in heads:  # once per shared discrepancy
+                        heads.add(e.shared)
+                        terms.append(("neg", d))
                 elif e.kind == "affine":
                     terms.append(("mat", self._maps[e.name][0].T, d))
                 elif e.kind == "relu":
@@ -388,8 +429,10 @@ class Block:
             for name, (w, b) in self._maps.items():
                 tail = views[self.edges[name].tail]
                 self.reads[name] = [*self.reads[name], ("stalk", self.edges[name].tail)]
+                # a member without the bias keeps zeros there: its gradient is 0
                 self._learn_plan.append(
-                    (name, w, b, disc[name], tail, np.empty_like(w), np.empty_like(b))
+                    (name, w, b, disc[name], tail, np.empty_like(w), np.zeros_like(b),
+                     self.edges[name].bias, self.edges[name].whole)
                 )
 
         # hard pins on moving vertices (the others never move)
@@ -405,9 +448,12 @@ class Block:
         graph, dim = self.graph, self.graph.vertices[v].dim
         diagonal = np.zeros((dim, 1))
         gram = None
+        heads = set()
         for e in self.incident[v]:
             if v == e.head:
-                diagonal += 1.0
+                if e.shared not in heads:
+                    heads.add(e.shared)
+                    diagonal += 1.0
             elif e.kind == "affine":
                 gram = e.name
             elif e.kind == "output":
@@ -465,6 +511,20 @@ class Block:
             op()
         return self._sent
 
+    def reply(self, received: dict[tuple[str, str], np.ndarray]
+              ) -> dict[tuple[str, str], np.ndarray]:
+        """The head's answers to the members of a shared discrepancy whose
+        tails are in other blocks, from their partial sums in ``received``:
+        ``d + P_k`` for member ``k``, keyed by ``(member, head)``. Empty unless a
+        row split cut a vertex of this block's neighbour (see
+        :mod:`sheafdist.rowsplit`); the arrays are the block's own, like
+        :meth:`send`'s."""
+        for d, head, tails in self._reply_forms:
+            _form(d, head, tails, received)
+        for r, d, partial_sum in self._reply_ops:
+            np.add(d, received[partial_sum], out=r)
+        return self._replies
+
     # ---------------------------------------------------------------- step
 
     def step(
@@ -481,9 +541,8 @@ class Block:
         signal). ``change=False`` also skips the largest change of a coordinate
         (``max_change`` is then 0): for runs with no tolerance rule.
         """
-        for d, head, tail in self._remote:
-            np.subtract(received[head] if type(head) is tuple else head,
-                        received[tail] if type(tail) is tuple else tail, out=d)
+        for d, head, tails in self._remote:
+            _form(d, head, tails, received)
         for op in self._step_ops:
             op()
         out = RoundStats()
@@ -502,30 +561,54 @@ class Block:
         ``step(stats=True)`` records, for a round stepped without statistics
         (valid until the next :meth:`send`)."""
         batch = self.batch
-        for e in self.recorded:
-            d = self._disc[e.name]
-            out.discord[e.name] = float(np.einsum("ij,ij->", d, d)) / batch
+        for name, whole in self.recorded:  # the pieces of a split edge add up
+            d = self._disc[name]
+            value = float(np.einsum("ij,ij->", d, d)) / batch
+            out.discord[whole] = out.discord.get(whole, 0.0) + value
         if self.target is not None:
             d = self._disc["out"]
             out.discord["out"] = float(np.einsum("ij,ij->", d, d)) / batch
         for v, m in self._masks.items():
             now = self._stalks[v] >= 0
-            out.flips["R" + v[1:]] = int(np.count_nonzero(now != (m > 0)))
+            whole = self.edges["R" + v[1:]].whole
+            out.flips[whole] = out.flips.get(whole, 0) + int(
+                np.count_nonzero(now != (m > 0)))
         return out
 
     def _learn(self, out: RoundStats | None) -> None:
         """Each owned affine map descends its own edge energy, summed over the
         batch: the gradient ``-d_e [a;1]^T``, moved by the scheme."""
         scheme = self.scheme
-        for name, w, b, d, a, gw, gb in self._learn_plan:
+        for name, w, b, d, a, gw, gb, bias, whole in self._learn_plan:
             np.matmul(d, a.T, out=gw)
-            np.sum(d, axis=1, keepdims=True, out=gb)
+            if bias:
+                np.sum(d, axis=1, keepdims=True, out=gb)
+            norm = 0.0
             if out is not None:
-                out.update_norm[name] = float(np.sqrt(
+                norm = float(np.sqrt(
                     np.einsum("ij,ij->", gw, gw) + np.einsum("ij,ij->", gb, gb)))
             rate = scheme.move_map(name, w, b, gw, gb, a)
+            if not bias:
+                gb.fill(0.0)  # the scheme scaled it in place; keep it zero
             if out is not None:
-                out.update_norm[name] *= rate
+                add_norm(out.update_norm, whole, norm * rate)
+
+
+def add_norm(norms: dict[str, float], name: str, value: float) -> None:
+    """Combine the norms of a split map's pieces (the norm of the whole)."""
+    if name in norms:
+        value = float(np.hypot(norms[name], value))
+    norms[name] = value
+
+
+def _form(d: np.ndarray, head, tails: list, received: dict) -> None:
+    """``d = head - tail_0 - tail_1 - ...``: a discrepancy from the head's value
+    and the tails' (their partial sums, for a shared one); a tuple is the key
+    of a value in ``received``."""
+    np.subtract(received[head] if type(head) is tuple else head,
+                received[tails[0]] if type(tails[0]) is tuple else tails[0], out=d)
+    for t in tails[1:]:
+        np.subtract(d, received[t] if type(t) is tuple else t, out=d)
 
 
 def _put_phi(output: str, z: np.ndarray, out: np.ndarray) -> None:

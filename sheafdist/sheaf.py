@@ -26,19 +26,53 @@ KINDS = {"W": "affine", "R": "relu", "out": "output"}
 
 @dataclass(frozen=True)
 class Vertex:
+    """A vertex, or one piece of a vertex whose stalk a row split spread over
+    several actors (:mod:`sheafdist.rowsplit`): ``rows`` are then the piece's
+    rows in the stalk of ``base``."""
+
     name: str
     dim: int
     layer: int
+    base: str = ""  # the whole vertex's name; "" means the vertex is whole
+    rows: tuple[int, int] | None = None
+
+    @property
+    def whole(self) -> str:
+        return self.base or self.name
 
 
 @dataclass(frozen=True)
 class Edge:
+    """An edge, or one member of an edge a row split cut.
+
+    Members of one ``group`` share the head and one discrepancy: the head's
+    stalk is compared with the sum of the members' tail values (an affine edge
+    whose tail vertex is split: ``z = sum_k W[:, S_k] a[S_k] + b``). ``rows`` and
+    ``cols`` give the member's block of the whole edge's map; ``bias`` says
+    whether it carries the bias (one member of a group does).
+    """
+
     name: str
     kind: str  # affine, relu or output
     layer: int
     tail: str
     head: str
     dim: int
+    base: str = ""  # the whole edge's name; "" means the edge is whole
+    group: str = ""  # the discrepancy it shares; "" means its own
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
+    bias: bool = True
+
+    @property
+    def whole(self) -> str:
+        """The edge of the unsplit sheaf this is part of (metrics use it)."""
+        return self.base or self.name
+
+    @property
+    def shared(self) -> str:
+        """The name of the discrepancy this edge forms."""
+        return self.group or self.name
 
 
 @dataclass
@@ -61,6 +95,15 @@ class SheafGraph:
     def incident(self, vertex: str) -> list[Edge]:
         """Edges at a vertex, in path order (the one from upstream first)."""
         return [e for e in self.edges.values() if vertex in (e.tail, e.head)]
+
+    def members(self, group: str) -> list[Edge]:
+        """The edges that share the discrepancy ``group``, in order."""
+        return [e for e in self.edges.values() if e.shared == group]
+
+    @property
+    def split(self) -> bool:
+        """Whether a row split cut some vertex into pieces."""
+        return any(v.base for v in self.vertices.values())
 
     def neighbours(self, vertex: str) -> list[str]:
         return [e.head if e.tail == vertex else e.tail for e in self.incident(vertex)]

@@ -221,7 +221,11 @@ def locality_violations(records, graph: SheafGraph) -> list[dict]:
         if e is None:
             bad.append(r)
         elif is_update(r):
-            allowed = {(e.name, e.head), (e.name, e.tail), ("stalk", e.tail)}
+            # a member of a shared discrepancy (a row split) reads its group's
+            # edge values: still only its own edge of the whole sheaf
+            allowed = {("stalk", e.tail)} | {
+                (m.name, end) for m in graph.members(e.shared)
+                for end in (m.head, m.tail)}
             reads = {tuple(x) for x in r["reads"]}
             if e.kind != "affine" or not reads or not reads <= allowed:
                 bad.append(r)

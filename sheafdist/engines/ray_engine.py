@@ -21,6 +21,12 @@ Modes:
 
 With ``local_steps = tau`` a block takes tau rounds per exchange, holding its
 neighbours' values fixed in between: tau times fewer messages, more staleness.
+
+A row split (:mod:`sheafdist.rowsplit`) adds a second exchange to a round: the
+head of a shared discrepancy first needs the partial sums of its members'
+tails, then answers each member. Every block sends its first call of a round
+before it waits for anything, and a head answers after receiving only first
+calls, so the two exchanges cannot wait on each other in a cycle.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ from ..model import MLP
 from ..partition import partition as make_partition
 from ..pins import apply_hard
 from ..problem import Problem
-from ..rules import Block, RoundStats, Traffic, add_traffic, direction
+from ..rowsplit import join_maps, join_stalks, split_problem, split_stalks
+from ..rowsplit import parse as parse_split
+from ..rules import Block, RoundStats, Traffic, add_norm, add_traffic, direction
 from .base import (
     MIN_ROUNDS,
     REPORT_SECONDS,
@@ -86,10 +94,15 @@ def merge_stats(parts: list[RoundStats]) -> RoundStats:
         out.max_change = max(out.max_change, p.max_change)
         if not np.isfinite(p.max_change):
             out.max_change = p.max_change
-        out.discord.update(p.discord)
-        out.flips.update(p.flips)
-        out.update_norm.update(p.update_norm)
-        out.staleness.update(p.staleness)
+        # a split edge's pieces come from several blocks: they add up
+        for edge, value in p.discord.items():
+            out.discord[edge] = out.discord.get(edge, 0.0) + value
+        for edge, n in p.flips.items():
+            out.flips[edge] = out.flips.get(edge, 0) + n
+        for edge, value in p.update_norm.items():
+            add_norm(out.update_norm, edge, value)
+        for edge, age in p.staleness.items():
+            out.staleness[edge] = max(out.staleness.get(edge, 0), age)
         for edge, samples in p.latency.items():
             out.latency.setdefault(edge, []).extend(samples)
     return out
@@ -117,18 +130,38 @@ class BlockActor:
         self.edge_info = {
             e.name: EdgeInfo(e.tail, e.head, e.dim) for e in graph.edges.values()
         }
-        # the edge values this block sends away, grouped by receiving block
+        # the edge values this block sends away, grouped by receiving block: in
+        # a round's first call to every neighbouring block, and, for the head of
+        # a shared discrepancy, its answers in a second call (``answers``)
         self.outgoing: dict[int, list[tuple[str, str, str]]] = {}
+        self.answers: dict[int, list[tuple[str, str, str]]] = {}
+        answering = set()  # the blocks whose answers this block waits for
+        expect = set()  # the blocks that send this block values in a first call
         for v in block.owned:
             for e in block.incident[v]:
                 other = e.head if v == e.tail else e.tail
-                if owner[other] != index:
-                    self.outgoing.setdefault(owner[other], []).append(
-                        (e.name, v, other)
-                    )
+                if owner[other] == index:
+                    continue
+                self.outgoing.setdefault(owner[other], [])
+                shared = len(block.groups[e.shared]) > 1
+                if shared and v == e.head:
+                    self.answers.setdefault(owner[other], []).append(
+                        (e.name, v, other))
+                else:
+                    self.outgoing[owner[other]].append((e.name, v, other))
+                if shared and v == e.tail:
+                    answering.add(owner[other])
+                else:
+                    expect.add(owner[other])
+        self.answering, self.expect = sorted(answering), sorted(expect)
+        # blocks this block only answers: no first call, which would be empty;
+        # the convergence entries ride with the answers instead
+        self.quiet = {j for j, items in self.outgoing.items() if not items}
         self.neighbours: dict[int, object] = {}
-        self.inbox: dict[int, dict[int, list[dict]]] = {}  # sync: round -> block
-        self.latest: dict[int, tuple[int, list[dict]]] = {}  # async: newest per block
+        # received calls by (round, phase) and sending block (sync), or the
+        # newest by (sending block, phase) (async); phase 2 holds the answers
+        self.inbox: dict[tuple[int, int], dict[int, list[dict]]] = {}
+        self.latest: dict[tuple[int, int], tuple[int, list[dict]]] = {}
         self.round = 0
         self.error: str | None = None
         self.stop_requested = False
@@ -154,13 +187,14 @@ class BlockActor:
     async def connect(self, handles: dict[int, object]) -> dict:
         import ray
 
-        self.neighbours = {j: handles[j] for j in self.outgoing}
+        self.neighbours = {j: handles[j] for j in self.outgoing}  # answers too
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
     # ------------------------------------------------------------ messages
 
     async def deliver(
-        self, src: int, round_: int, payload: bytes, generation: int = 0
+        self, src: int, round_: int, payload: bytes, generation: int = 0,
+        phase: int = 1,
     ) -> None:
         received = time.time()
         if generation != self.generation:
@@ -186,7 +220,7 @@ class BlockActor:
         for m in msgs:
             if m["kind"] != "edge" or m["sent"] is None:
                 continue
-            samples = self.latency.setdefault(m["edge"], [])
+            samples = self.latency.setdefault(self.graph.edges[m["edge"]].whole, [])
             if len(samples) < LATENCY_SAMPLES:
                 samples.append(max(received - m["sent"], 0.0))
             if self.tracing and len(self.trace) < TRACE_LIMIT:
@@ -194,9 +228,9 @@ class BlockActor:
                                    m["nbytes"], m["sent"], received, "remote", src,
                                    self.index])
         if self.mode == "sync":
-            self.inbox.setdefault(round_, {})[src] = msgs
-        elif round_ > self.latest.get(src, (-1, None))[0]:
-            self.latest[src] = (round_, msgs)
+            self.inbox.setdefault((round_, phase), {})[src] = msgs
+        elif round_ > self.latest.get((src, phase), (-1, None))[0]:
+            self.latest[(src, phase)] = (round_, msgs)
         async with self.cond:
             self.cond.notify_all()
 
@@ -212,19 +246,24 @@ class BlockActor:
             self.cond.notify_all()
         return self.round
 
-    async def _send(self, round_: int, sent: dict, reduce: list[list] | None) -> None:
+    async def _send(self, round_: int, sent: dict, reduce: list[list] | None,
+                    phase: int = 1) -> None:
         now = time.time()
-        for j, items in self.outgoing.items():
+        for j, items in (self.outgoing if phase == 1 else self.answers).items():
+            if phase == 1 and j in self.quiet:
+                continue
             msgs = [encode_edge(edge, v, other, round_, sent[(edge, v)], now)
                     for edge, v, other in items]
-            if reduce is not None:
+            if reduce is not None and (phase == 1 or j in self.quiet):
                 msgs.append(encode_reduce(self.index, round_, reduce))
-            await self._call(j, round_, pack(msgs))
+            await self._call(j, round_, pack(msgs), phase)
             for (edge, v, _), m in zip(items, msgs, strict=False):
-                key = (edge, direction(self.graph.edges[edge], v), "remote")
+                e = self.graph.edges[edge]
+                key = (e.whole, direction(e, v), "remote")
                 add_traffic(self.traffic, key, 1, m["data"].nbytes)
 
-    async def _call(self, j: int, round_: int, payload: bytes) -> None:
+    async def _call(self, j: int, round_: int, payload: bytes, phase: int = 1
+                    ) -> None:
         """One fire-and-forget call to block ``j``; at Ray's bound on calls
         queued there, wait (without blocking the event loop) for room."""
         from ray.exceptions import PendingCallsLimitExceeded
@@ -232,7 +271,7 @@ class BlockActor:
         while True:
             try:
                 self.neighbours[j].deliver.remote(self.index, round_, payload,
-                                                  self.generation)
+                                                  self.generation, phase)
                 break
             except PendingCallsLimitExceeded:
                 self.calls["backpressure"] += 1
@@ -247,7 +286,7 @@ class BlockActor:
             e = self.graph.edges[edge]
             other = e.head if v == e.tail else e.tail
             if self.owner[other] == self.index:
-                add_traffic(self.traffic, (edge, direction(e, v), "local"), 1,
+                add_traffic(self.traffic, (e.whole, direction(e, v), "local"), 1,
                             value.nbytes)
                 if self.tracing and len(self.trace) < TRACE_LIMIT:
                     self.trace.append([round_, edge, v, other, value.nbytes, now, now,
@@ -264,13 +303,14 @@ class BlockActor:
         if self.error is not None:
             raise RunError(self.error)
 
-    async def _receive_sync(self, round_: int) -> tuple[dict, list]:
-        need = set(self.outgoing)
-        await self._wait(lambda: need <= set(self.inbox.get(round_, {})))
-        if self.stop_requested and not need <= set(self.inbox.get(round_, {})):
+    async def _receive_sync(self, round_: int, phase: int = 1) -> tuple[dict, list]:
+        need = set(self.expect if phase == 1 else self.answering)
+        key = (round_, phase)
+        await self._wait(lambda: need <= set(self.inbox.get(key, {})))
+        if self.stop_requested and not need <= set(self.inbox.get(key, {})):
             return {}, []
         values, reduce = {}, []
-        for msgs in self.inbox.pop(round_, {}).values():
+        for msgs in self.inbox.pop(key, {}).values():
             for m in msgs:
                 if m["kind"] == "edge":
                     values[(m["edge"], m["src"])] = m["value"]
@@ -278,26 +318,55 @@ class BlockActor:
                     reduce.extend(m["entries"])
         return values, reduce
 
-    async def _receive_async(self, round_: int) -> tuple[dict, dict[str, int]] | None:
+    async def _receive_async(self, round_: int, phase: int = 1
+                             ) -> tuple[dict, dict[str, int]] | None:
         """The newest values, waiting only for those too stale to use; None when
         the driver stopped the run first."""
         oldest = round_ - self.max_staleness
+        blocks = [(j, phase) for j in (self.expect if phase == 1
+                                       else self.answering)]
 
         def ready() -> bool:
-            return all(j in self.latest and self.latest[j][0] >= oldest
-                       for j in self.outgoing)
+            return all(k in self.latest and self.latest[k][0] >= oldest
+                       for k in blocks)
 
         await self._wait(ready)
         if not ready():
             return None
         values, staleness = {}, {}
-        for j in self.outgoing:
-            r, msgs = self.latest.get(j, (-1, None))
+        for k in blocks:
+            r, msgs = self.latest.get(k, (-1, None))
             for m in msgs or []:
                 if m["kind"] == "edge":
                     values[(m["edge"], m["src"])] = m["value"]
-                    staleness[m["edge"]] = max(round_ - r, 0)
+                    whole = self.graph.edges[m["edge"]].whole
+                    staleness[whole] = max(staleness.get(whole, 0), round_ - r, 0)
         return values, staleness
+
+    async def _answer(self, round_: int, received: dict,
+                      staleness: dict[str, int] | None = None,
+                      reduce: list[list] | None = None) -> tuple[dict, list] | None:
+        """A round's second exchange, under a row split: a head answers the
+        partial sums in ``received``; a tail waits for the answers. Returns every
+        value of the round and the convergence entries that came with the
+        answers (None when the run was stopped meanwhile)."""
+        if self.answers:
+            await self._send(round_, self.block.reply(received), reduce, phase=2)
+        if not self.answering:
+            return received, []
+        reduce_in: list = []
+        if self.mode == "sync":
+            more, reduce_in = await self._receive_sync(round_, 2)
+            if self.stop_requested and not more:
+                return None
+        else:
+            got = await self._receive_async(round_, 2)
+            if got is None:
+                return None
+            more, ages = got
+            for e, age in ages.items():
+                staleness[e] = max(staleness.get(e, 0), age)
+        return {**received, **more}, reduce_in
 
     # ------------------------------------------------------------ rounds
 
@@ -313,7 +382,7 @@ class BlockActor:
         self.round, self.stats = t, stats
         if self.tracing and stats.update_norm and len(self.trace) < TRACE_LIMIT:
             now = time.time()
-            for name in stats.update_norm:  # the maps this block moved
+            for name in self.block.maps:  # the maps this block moved
                 self.trace.append({"kind": "update", "round": t, "edge": name,
                                    "block": self.index, "time": now,
                                    "reads": self.block.reads[name]})
@@ -373,6 +442,12 @@ class BlockActor:
             await self._send(t, sent, reduce)
             self._count_local(t, sent)
             received, reduce_in = await self._receive_sync(t)
+            if self.answers or self.answering:
+                got = await self._answer(t, received, reduce=reduce)
+                if got is None:
+                    break
+                received, more = got
+                reduce_in = reduce_in + more
             if tol is not None:
                 for s, b, mc, en in reduce_in:
                     known.setdefault(s, {})[b] = (mc, en)
@@ -416,13 +491,22 @@ class BlockActor:
                     fresh, _ = await self._receive_sync(t)
                     if self.stop_requested and not fresh:
                         break
-                    received = fresh
-                    staleness = {edge: 0 for edge, _ in received}
+                    staleness = {self.graph.edges[edge].whole: 0
+                                 for edge, _ in fresh}
                 else:
                     got = await self._receive_async(t)
                     if got is None:
                         break
-                    received, staleness = got
+                    fresh, staleness = got
+                if self.answers or self.answering:
+                    got = await self._answer(t, fresh, staleness)
+                    if got is None:
+                        break
+                    fresh = got[0]
+                    if self.mode == "sync":
+                        staleness = {self.graph.edges[edge].whole: 0
+                                     for edge, _ in fresh}
+                received = fresh
                 exchanged_at = t
             stats = self._step(t, received)
             # values held since the last exchange age by one round per local step
@@ -588,6 +672,7 @@ class RayEngine:
         checkpoint_every: int = CHECKPOINT_EVERY,
         max_recoveries: int = MAX_RECOVERIES,
         max_pending_calls: int = MAX_PENDING_CALLS,
+        row_split: str | dict[int, int] | None = None,
     ):
         import ray
         from ray.util.placement_group import placement_group
@@ -603,7 +688,11 @@ class RayEngine:
                              "give an integer >= 1")
         self.problem, self.observer, self.mode = problem, observer, mode
         self.local_steps, self.max_recoveries = local_steps, max_recoveries
-        self.blocks = make_partition(problem.graph, partition)
+        # the sheaf the actors hold: the problem's, or its refinement when a row
+        # split spreads a layer over several actors
+        splits = parse_split(row_split, problem.model.arch)
+        self.work = split_problem(problem, splits) if splits else problem
+        self.blocks = make_partition(self.work.graph, partition)
         self.owner = {v: i for i, vs in enumerate(self.blocks) for v in vs}
         self._actor_args = (mode, max_staleness, local_steps, trace is not None,
                             checkpoint_every)
@@ -650,7 +739,7 @@ class RayEngine:
         strategy = PlacementGroupSchedulingStrategy(
             placement_group=self.group, placement_group_bundle_index=i)
         return self._remote.options(scheduling_strategy=strategy).remote(
-            i, self.problem.block(self.blocks[i]), self.owner, len(self.blocks),
+            i, self.work.block(self.blocks[i]), self.owner, len(self.blocks),
             *self._actor_args)
 
     def _connect(self) -> list[dict]:
@@ -877,6 +966,8 @@ class RayEngine:
         return self._stalks_of(self._states())
 
     def set_stalks(self, stalks: dict[str, np.ndarray]) -> None:
+        stalks = split_stalks(self.work.graph, stalks)
+
         def put():
             self._get([self._submit(a, "set_stalks", {v: stalks[v] for v in vs})
                        for a, vs in zip(self.actors, self.blocks, strict=True)])
@@ -894,20 +985,17 @@ class RayEngine:
     def model(self) -> MLP:
         return self._model_of(self._states())
 
-    @staticmethod
-    def _stalks_of(states: list[dict]) -> dict[str, np.ndarray]:
+    def _stalks_of(self, states: list[dict]) -> dict[str, np.ndarray]:
         out = {}
         for state in states:
             out.update(state["stalks"])
-        return out
+        return join_stalks(self.work.graph, out)
 
     def _model_of(self, states: list[dict]) -> MLP:
-        m = self.problem.model.copy()
+        maps = {}
         for state in states:
-            for name, (w, b) in state["maps"].items():
-                layer = int(name[1:])
-                m.W[layer - 1], m.b[layer - 1] = w, b
-        return m
+            maps.update(state["maps"])
+        return join_maps(self.work.graph, self.problem.model, maps)
 
     def close(self) -> None:
         import ray

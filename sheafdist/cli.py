@@ -591,6 +591,12 @@ def _check_partition(graph, args) -> None:
     partition(refine(graph, splits) if splits else graph, args.partition)
 
 
+def _actor_pairs(engine) -> dict[str, dict[str, int]]:
+    """The Ray engine's messages and bytes by pair of actors, ``"i->j"``."""
+    return {f"{i}->{j}": {"messages": n, "bytes": b}
+            for (i, j), (n, b) in sorted(getattr(engine, "pairs", {}).items())}
+
+
 def _actor_count(engine) -> int:
     actors = getattr(engine, "actors", 0)
     return actors if isinstance(actors, int) else len(actors)
@@ -777,7 +783,8 @@ def cmd_infer(args) -> int:
                          getattr(engine, "energies", None), bool(hard or soft),
                          args.scheme)
     if args.engine == "ray":
-        report |= {"partition": args.partition, "mode": args.mode}
+        report |= {"partition": args.partition, "mode": args.mode,
+                   "actor_pairs": _actor_pairs(engine)}
     if args.json:
         _print_json(report)
     else:

@@ -7,6 +7,9 @@ An edge message carries one edge value, for example::
      "sent": 1796327848.25}
 
 ``sent`` (optional) is the sender's wall-clock time, for the latency metric.
+Along an edge a row split cut (:mod:`sheafdist.rowsplit`) the tail's value is
+its partial sum and the head's is its answer to that tail; both have the edge
+stalk's shape, so the checks are the same.
 
 A reduce message carries what a block knows of recent rounds' convergence
 statistics (used to stop on a tolerance without a central barrier)::

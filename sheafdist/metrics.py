@@ -143,6 +143,18 @@ class RunMetrics:
             "latest reported round was (async mode; 0 in sync mode).",
             EDGE_LABELS, registry=reg,
         )
+        self.pair_messages = Counter(
+            "sheafdist_actor_messages_total",
+            "Edge-value messages from one actor to another (Ray engine); "
+            "src_actor = dst_actor counts the values that stayed inside one actor.",
+            ("src_actor", "dst_actor"), registry=reg,
+        )
+        self.pair_bytes = Counter(
+            "sheafdist_actor_bytes_total",
+            "Payload bytes of the edge-value messages from one actor to another "
+            "(Ray engine).",
+            ("src_actor", "dst_actor"), registry=reg,
+        )
         self.energy = Gauge(
             "sheafdist_energy",
             "Dirichlet energy per sample in the latest reported round: half the sum "
@@ -235,6 +247,12 @@ class RunMetrics:
                 self._warn_once(key, "staleness/%s is %r; not recorded", name, age)
                 continue
             self.staleness.labels(*_labels(edge)).set(age)
+        for (src, dst), (count, nbytes) in stats.pairs.items():
+            labels = (str(src), str(dst))
+            self._inc(self.pair_messages.labels(*labels), ("pair messages", *labels),
+                      count)
+            self._inc(self.pair_bytes.labels(*labels), ("pair bytes", *labels),
+                      nbytes)
         for (name, direction, transport), (count, nbytes) in traffic.items():
             edge = self._edge(name, "traffic")
             if edge is None:

@@ -80,6 +80,10 @@ class RoundStats:
     energy_estimate: float | None = None
     # the Ray engine's count of actors that answered its latest report
     actors_alive: int | None = None
+    # filled by the Ray engine: edge-value messages and their bytes from actor
+    # to actor since the last report, [messages, bytes] by (sender, receiver);
+    # a pair (i, i) counts the values that stayed inside actor i
+    pairs: dict[tuple[int, int], list[int]] = field(default_factory=dict)
 
     @property
     def measured(self) -> bool:

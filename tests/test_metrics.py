@@ -430,3 +430,21 @@ def test_serve_on_a_bad_host_names_metrics_host(made):
         with pytest.raises(InputError, match="--metrics-host") as info:
             m.serve(0, host)
         assert host in str(info.value) and "0.0.0.0" in str(info.value)
+
+
+def test_traffic_between_pairs_of_actors_accumulates(made):
+    m = made([2, 6, 4, 4, 1])
+    first = RoundStats(pairs={(0, 1): [3, 300], (1, 0): [3, 120], (1, 1): [6, 48]})
+    m.observe(3, first, {})
+    m.observe(5, RoundStats(pairs={(0, 1): [2, 200]}), {})
+    assert value(m, "sheafdist_actor_messages_total", src_actor="0",
+                 dst_actor="1") == 5
+    assert value(m, "sheafdist_actor_bytes_total", src_actor="0",
+                 dst_actor="1") == 500
+    assert value(m, "sheafdist_actor_bytes_total", src_actor="1",
+                 dst_actor="0") == 120
+    assert value(m, "sheafdist_actor_messages_total", src_actor="1",
+                 dst_actor="1") == 6
+    # a pair never reported has no series (the local engine reports none)
+    assert value(m, "sheafdist_actor_messages_total", src_actor="2",
+                 dst_actor="0") is None

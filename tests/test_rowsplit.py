@@ -220,6 +220,12 @@ def test_ray_sync_with_split_layers_gives_the_local_engines_run(golden_dir,
     assert got.discord.keys() == want.discord.keys()
     for edge, value in want.discord.items():
         assert got.discord[edge] == pytest.approx(value, rel=1e-9, abs=1e-300)
+    # actors {a0,z1[0],a1[0]} 0, {z1[1],a1[1]} 1, {z2[k],a2[k]} 2+k, {z3,a3} 4,
+    # {z4} 5: one message each way per round along every edge between actors
+    # (partial sums one way, the heads' answers the other)
+    remote = {pair: n for pair, (n, _) in engine.pairs.items() if pair[0] != pair[1]}
+    joined = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 4), (3, 4), (4, 5)]
+    assert remote == {p: 200 for a, b in joined for p in ((a, b), (b, a))}
 
 
 def test_ray_training_with_a_split_layer_learns_the_same_weights(golden_dir,
@@ -283,6 +289,10 @@ def test_cli_infer_with_a_row_split_and_its_trace(golden_dir, ray_session, tmp_p
     assert main(["trace", str(trace), "--model", str(model_path), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["locality_violations"] == 0 and summary["rounds"] == 40
+    # the run's own count of messages between actors agrees with its trace
+    assert {pair: p["messages"] for pair, p in split["actor_pairs"].items()
+            if pair[0] != pair[-1]} == \
+        {pair: p["messages"] for pair, p in summary["actor_pairs"].items()}
 
 
 @pytest.mark.parametrize("extra, words", [

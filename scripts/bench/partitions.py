@@ -14,11 +14,17 @@ with local steps, on one embedded Ray:
 - training: the largest difference of the weights from the local engine's after
   the same number of rounds, and both training losses.
 
+``layer+rows`` is the layer partition with hidden layer 1 cut by rows into two
+pieces (--row-split 1:2), each on its own actor.
+
 Then, for async inference on the vertex partition (the most edges between
-actors), rounds to tolerance as the staleness bound S grows.
+actors), rounds to tolerance as the staleness bound S grows; and, for a wide
+network, how a row split spreads the weights over actors (--wide).
 
     python scripts/bench/partitions.py          # about 25 minutes on 2 cores
     python scripts/bench/partitions.py --quick  # fewer configurations
+    python scripts/bench/partitions.py --partitions layer,layer+rows
+    python scripts/bench/partitions.py --wide   # only the wide network
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from dataclasses import replace
 import numpy as np
 from common import golden_case, paraboloid_problem, threads_note
 
-PARTITIONS = ("vertex", "layer", "blocks:2", "single", "file")
+PARTITIONS = ("vertex", "layer", "blocks:2", "single", "file", "layer+rows")
+ROW_SPLIT = "1:2"  # the row split of layer+rows: hidden layer 1 in two pieces
 MODES = (("sync", 1, 1), ("async", 1, 1), ("sync", 1, 4), ("async", 2, 4))
 
 
@@ -78,12 +85,12 @@ class Counter:
             self.staleness = max(self.staleness, max(stats.staleness.values()))
 
 
-def run_one(make, partition, mode, staleness, tau, rounds, tol):
+def run_one(make, partition, mode, staleness, tau, rounds, tol, row_split=None):
     from sheafdist.engines.ray_engine import RayEngine
 
     counter = Counter()
     engine = RayEngine(make(), observer=counter, partition=partition, mode=mode,
-                       max_staleness=staleness, local_steps=tau)
+                       max_staleness=staleness, local_steps=tau, row_split=row_split)
     try:
         result = engine.run(rounds, tol=tol)
         actors = engine.n_actors
@@ -105,8 +112,10 @@ def configurations(partitions, modes, make, folder):
     """Each partition (its name and the spec given to the engine) in each mode."""
     for partition in partitions:
         spec = mapping_file(make(), folder) if partition == "file" else partition
+        spec, split = ("layer", ROW_SPLIT) if partition == "layer+rows" \
+            else (spec, None)
         for mode, s, tau in modes:
-            yield partition, spec, mode, s, tau
+            yield partition, (spec, split), mode, s, tau
 
 
 def distance(a: dict, b: dict) -> float:
@@ -128,7 +137,8 @@ def table_inference(partitions, modes, tol, max_rounds, folder):
           f"{'stale':>5} {'|x-local|':>10} {'|x-fwd|':>10}")
     for partition, spec, mode, s, tau in configurations(partitions, modes, make,
                                                         folder):
-        result, actors, c, n = run_one(make, spec, mode, s, tau, max_rounds, tol)
+        result, actors, c, n = run_one(make, spec[0], mode, s, tau, max_rounds, tol,
+                                       spec[1])
         print(lead(partition, mode, s, tau, actors)
               + f"{result.rounds:>7} {n / result.seconds:>9.0f} "
               f"{c.messages['remote'] / n:>8.1f} {c.bytes['remote'] / n:>8.0f} "
@@ -154,7 +164,8 @@ def table_training(partitions, modes, rounds, folder):
           f"{'|W-local|':>10} {'train MSE':>10}")
     for partition, spec, mode, s, tau in configurations(partitions, modes, make,
                                                         folder):
-        result, actors, c, n = run_one(make, spec, mode, s, tau, rounds, None)
+        result, actors, c, n = run_one(make, spec[0], mode, s, tau, rounds, None,
+                                       spec[1])
         dw = max(float(np.max(np.abs(w - r)))
                  for w, r in zip(result.model.W, ref.model.W, strict=True))
         print(lead(partition, mode, s, tau, actors)
@@ -177,6 +188,46 @@ def staleness_sweep(bounds, taus, tol, max_rounds):
                   f"{c.staleness:>10} {n / result.seconds:>9.0f}")
 
 
+def table_wide(arch, batch, rounds, splits):
+    """A wide network on the layer partition, whole and cut by rows: the weights
+    the busiest actor holds, rounds per second, agreement with the local engine."""
+    from sheafdist.engines.local import LocalEngine
+    from sheafdist.engines.ray_engine import RayEngine
+    from sheafdist.model import he_init
+    from sheafdist.problem import inference_problem
+    from sheafdist.rules import Config
+
+    model = he_init(arch, 0)
+    x = np.random.default_rng(1).standard_normal((arch[0], batch))
+
+    def make():
+        return inference_problem(model, x, Config(dt=0.01), "random", 0)
+
+    ref = LocalEngine(make()).run(rounds)
+    total = sum(w.nbytes + b.nbytes for w, b in zip(model.W, model.b, strict=True))
+    print(f"\n# [{','.join(map(str, arch))}] x{batch} inference, layer partition, "
+          f"{rounds} sync rounds; weights {total / 2**20:.1f} MiB in all")
+    print(f"{'row split':<12} {'actors':>6} {'most MiB':>9} {'share':>6} "
+          f"{'rounds/s':>9} {'msg/rnd':>8} {'MiB/rnd':>8} {'|x-local|':>10}")
+    for split in splits:
+        counter = Counter()
+        engine = RayEngine(make(), observer=counter, partition="layer",
+                           row_split=split or None)
+        try:
+            result = engine.run(rounds)
+            held = [sum(w.nbytes + b.nbytes for w, b in st["maps"].values())
+                    for st in engine._states()]
+            actors = engine.n_actors
+        finally:
+            engine.close()
+        n = max(result.rounds, 1)
+        print(f"{split or 'none':<12} {actors:>6} {max(held) / 2**20:>9.1f} "
+              f"{max(held) / total:>6.2f} {n / result.seconds:>9.1f} "
+              f"{counter.messages['remote'] / n:>8.1f} "
+              f"{counter.bytes['remote'] / n / 2**20:>8.2f} "
+              f"{distance(result.stalks, ref.stalks):>10.2e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -186,6 +237,9 @@ def main() -> None:
                    help="comma-separated, from " + ", ".join(PARTITIONS))
     p.add_argument("--sweep-only", action="store_true",
                    help="only rounds to tolerance against the staleness bound")
+    p.add_argument("--wide", action="store_true",
+                   help="only the weights per actor of a wide network, whole and "
+                   "cut by rows")
     args = p.parse_args()
 
     from sheafdist.engines.ray_engine import init_ray
@@ -200,13 +254,16 @@ def main() -> None:
     if args.quick:
         partitions = [x for x in partitions if x in ("vertex", "layer")]
     modes = MODES[:2] if args.quick else MODES
-    if not args.sweep_only and partitions:
+    if not args.sweep_only and not args.wide and partitions:
         with tempfile.TemporaryDirectory() as folder:
             table_inference(partitions, modes, args.tol, 100_000, folder)
             table_training(partitions, modes, args.train_rounds, folder)
-    if "vertex" in partitions:
+    if "vertex" in partitions and not args.wide:
         bounds = (0, 1, 4) if args.quick else (0, 1, 2, 4, 8)
         staleness_sweep(bounds, (1,), args.tol, 100_000)
+    if args.wide:
+        table_wide([64, 2048, 2048, 10], 64, 100,
+                   ["", "2:2", "1:2,2:2", "1:4,2:4"])
 
 
 if __name__ == "__main__":

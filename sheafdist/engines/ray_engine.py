@@ -166,6 +166,7 @@ class BlockActor:
         self.error: str | None = None
         self.stop_requested = False
         self.traffic: Traffic = {}
+        self.pairs: dict[tuple[int, int], list[int]] = {}  # see RoundStats.pairs
         self.stats: RoundStats | None = None
         self.latency: dict[str, list[float]] = {}
         # Ray calls to and from each neighbouring block, and how often a send
@@ -261,6 +262,7 @@ class BlockActor:
                 e = self.graph.edges[edge]
                 key = (e.whole, direction(e, v), "remote")
                 add_traffic(self.traffic, key, 1, m["data"].nbytes)
+                add_traffic(self.pairs, (self.index, j), 1, m["data"].nbytes)
 
     async def _call(self, j: int, round_: int, payload: bytes, phase: int = 1
                     ) -> None:
@@ -288,6 +290,7 @@ class BlockActor:
             if self.owner[other] == self.index:
                 add_traffic(self.traffic, (e.whole, direction(e, v), "local"), 1,
                             value.nbytes)
+                add_traffic(self.pairs, (self.index, self.index), 1, value.nbytes)
                 if self.tracing and len(self.trace) < TRACE_LIMIT:
                     self.trace.append([round_, edge, v, other, value.nbytes, now, now,
                                        "local", self.index, self.index])
@@ -522,8 +525,10 @@ class BlockActor:
     async def drain(self) -> dict:
         out = {"round": self.round, "stats": self.stats, "traffic": self.traffic,
                "latency": self.latency, "trace": self.trace, "saved": self.saved,
-               "calls": self.calls, "staleness": self.staleness}
+               "calls": self.calls, "staleness": self.staleness,
+               "pairs": self.pairs}
         self.traffic, self.latency, self.trace, self.saved = {}, {}, [], []
+        self.pairs = {}
         self.calls = dict.fromkeys(self.calls, 0)
         self.staleness = {}
         return out
@@ -726,6 +731,9 @@ class RayEngine:
         # Ray calls between actors since the start: sent, received, and sends
         # that waited at the bound on pending calls
         self.calls = {"sent": 0, "received": 0, "backpressure": 0}
+        # edge-value messages and bytes by (sending actor, receiving actor) since
+        # the start, [messages, bytes]; (i, i) stayed inside actor i
+        self.pairs: dict[tuple[int, int], list[int]] = {}
         self.max_in_flight = 0  # the most calls seen sent but not yet received
         self._reported = 0  # the furthest round handed to the observer
         self.checkpoint: tuple[int, list] | None = None
@@ -800,6 +808,9 @@ class RayEngine:
         stats = merge_stats(parts)
         stats.latency, stats.staleness = {}, {}
         for d in drained:
+            for pair, (count, nbytes) in d["pairs"].items():
+                add_traffic(stats.pairs, pair, count, nbytes)
+                add_traffic(self.pairs, pair, count, nbytes)
             for edge, samples in d["latency"].items():
                 stats.latency.setdefault(edge, []).extend(samples)
             for edge, age in d["staleness"].items():

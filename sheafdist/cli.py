@@ -583,9 +583,10 @@ def _check_partition(graph, args) -> None:
     from .rowsplit import SPLIT_SCHEMES, parse, refine
 
     splits = parse(args.row_split, graph.arch)
-    if splits and args.scheme not in SPLIT_SCHEMES:
+    scheme = getattr(args, "scheme", "euler")  # diagnose, reproduce: Euler
+    if splits and scheme not in SPLIT_SCHEMES:
         raise InputError("--row-split", f"{args.row_split} with --scheme "
-                         f"{args.scheme}", f"a row split runs --scheme "
+                         f"{scheme}", f"a row split runs --scheme "
                          f"{' or '.join(SPLIT_SCHEMES)} (the others use whole "
                          "vertices' own blocks); change --scheme or drop --row-split")
     partition(refine(graph, splits) if splits else graph, args.partition)

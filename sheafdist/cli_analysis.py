@@ -189,6 +189,10 @@ def cmd_diagnose(args) -> int:
 
     cli._check_mode(args)
     model, source = _load_diagnosed_model(args)
+    if args.engine == "ray":
+        from .sheaf import build_graph
+
+        cli._check_partition(build_graph(model.arch, "identity"), args)
     states = {arg: _read_state(path, arg) for arg, path in
               (("--state", args.state), ("--training-state", args.training_state))
               if path}
@@ -334,9 +338,18 @@ def _reproduce_parser(sub) -> None:
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce import reproduce
+    from .reproduce import LEVELS, reproduce, training_specs
+    from .sheaf import build_graph
 
     cli._check_mode(args)
+    if args.engine == "ray":  # every network it trains, before the first run
+        for arch in sorted({s.arch for s in
+                            training_specs(LEVELS[args.level], "ray", {}).values()}):
+            try:
+                cli._check_partition(build_graph(list(arch), "identity"), args)
+            except InputError as e:
+                raise InputError(e.arg, e.got, f"(reproduce trains "
+                                 f"[{','.join(map(str, arch))}]) {e.fix}") from None
     cli._check_writable(args.out, "--out", folder=True)
     if args.engine == "ray" and args.jobs > 1:
         raise InputError("--jobs", args.jobs, "the Ray engine spreads the work "

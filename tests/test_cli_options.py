@@ -35,6 +35,7 @@ BAD = {
     ("infer", "--address"): (["--address", "10.0.0.1:6379"], "10.0.0.1:6379"),
     ("infer", "--partition"): (["--partition", "blocks:0"], "blocks:0"),
     ("infer", "--mode"): (["--mode", "foo"], "foo"),
+    ("infer", "--row-split"): (["--engine", "ray", "--row-split", "1:x"], "1:x"),
     ("infer", "--max-staleness"): (["--max-staleness", "-1"], "-1"),
     ("infer", "--local-steps"): (["--local-steps", "0"], "0"),
     ("infer", "--trace"): (["--trace", "t.bin"], "t.bin"),
@@ -66,6 +67,7 @@ BAD = {
     ("train", "--address"): (["--address", "10.0.0.1:6379"], "10.0.0.1:6379"),
     ("train", "--partition"): (["--partition", "blocks:0"], "blocks:0"),
     ("train", "--mode"): (["--mode", "foo"], "foo"),
+    ("train", "--row-split"): (["--engine", "ray", "--row-split", "5:2"], "5:2"),
     ("train", "--max-staleness"): (["--max-staleness", "x"], "x"),
     ("train", "--local-steps"): (["--local-steps", "0"], "0"),
     ("train", "--trace"): (["--trace", "t.bin"], "t.bin"),
@@ -98,6 +100,8 @@ BAD = {
     ("diagnose", "--address"): (["--address", "10.0.0.1:6379"], "10.0.0.1:6379"),
     ("diagnose", "--partition"): (["--partition", "foo"], "foo"),
     ("diagnose", "--mode"): (["--mode", "foo"], "foo"),
+    ("diagnose", "--row-split"): (["--engine", "ray", "--row-split", "1:99"],
+                                  "1:99"),
     ("diagnose", "--max-staleness"): (["--max-staleness", "-1"], "-1"),
     ("diagnose", "--local-steps"): (["--local-steps", "0"], "0"),
     ("diagnose", "--trace"): (["--trace", "t.bin"], "t.bin"),
@@ -107,6 +111,8 @@ BAD = {
     ("reproduce", "--address"): (["--address", "10.0.0.1:6379"], "10.0.0.1:6379"),
     ("reproduce", "--partition"): (["--partition", "foo"], "foo"),
     ("reproduce", "--mode"): (["--mode", "foo"], "foo"),
+    ("reproduce", "--row-split"): (["--engine", "ray", "--row-split", "3:2"],
+                                   "3:2"),
     ("reproduce", "--max-staleness"): (["--max-staleness", "-1"], "-1"),
     ("reproduce", "--local-steps"): (["--local-steps", "0"], "0"),
     ("reproduce", "--trace"): (["--trace", "t.bin"], "t.bin"),
@@ -181,7 +187,8 @@ def argv_of(command: str, option: str) -> list[str]:
     return base + extra
 
 
-@pytest.mark.parametrize("command, option", sorted(BAD), ids="/".join)
+@pytest.mark.parametrize("command, option", sorted(BAD),
+                         ids=[f"{c}/{o}" for c, o in sorted(BAD)])
 def test_a_bad_value_is_one_line_naming_option_and_value(capsys, files, command,
                                                          option):
     _, value = BAD[(command, option)]

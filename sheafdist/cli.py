@@ -325,8 +325,9 @@ def _engine_options(p: argparse.ArgumentParser, default: str) -> None:
                    help="Ray cluster to join (default: $RAY_ADDRESS, else an "
                    "embedded local Ray)")
     p.add_argument("--partition", default="layer",
-                   help="vertices per actor: vertex, layer, blocks:N or single "
-                   "(default layer)")
+                   help="vertices per actor: vertex, layer, blocks:N, single "
+                   "(default layer), or a JSON file of blocks, e.g. "
+                   '[["a0","z1","a1"],["z2"]]')
     p.add_argument("--row-split", metavar="LAYER:PIECES[,...]",
                    help="spread hidden layer LAYER's stalks by rows over PIECES "
                    "actors, e.g. 1:4 (a layer too wide for one process); the "
@@ -336,6 +337,11 @@ def _engine_options(p: argparse.ArgumentParser, default: str) -> None:
                    help="round discipline of the Ray engine: sync equals the local "
                    "engine exactly; async steps on the newest values held (default "
                    "sync)")
+    p.add_argument("--exchange", choices=("calls", "compiled"), default="calls",
+                   help="how the actors of a sync run exchange values: calls (Ray "
+                   "calls to each other, default) or compiled (a Ray compiled "
+                   "graph executed once per round; one local step, no --row-split, "
+                   "no --trace)")
     p.add_argument("--max-staleness", type=nonnegative_int, default=1, metavar="S",
                    help="async mode: use neighbour values at most S rounds old "
                    "(default 1)")
@@ -524,10 +530,20 @@ def _check_mode(args) -> None:
                                      ("--trace", args.trace, None),
                                      ("--address", args.address, None),
                                      ("--row-split", args.row_split, None),
+                                     ("--exchange", args.exchange, "calls"),
                                      ("--partition", args.partition, "layer")):
             if value != default:
                 raise InputError(flag, value, "it applies to the Ray engine; add "
                                  "--engine ray")
+        return
+    if args.mode != "async" and args.max_staleness != 1:
+        raise InputError("--max-staleness", args.max_staleness, "it bounds the "
+                         "staleness of --mode async (sync rounds use fresh values); "
+                         "add --mode async or drop it")
+    from .engines.ray_engine import check_exchange
+
+    check_exchange(args.exchange, args.mode, args.local_steps, args.row_split,
+                   args.trace)
 
 
 def _check_writable(path: str | None, arg: str, folder: bool = False) -> None:
@@ -556,7 +572,8 @@ def _engine_options_of(args) -> dict:
         return {}
     return {"partition": args.partition, "mode": args.mode, "address": args.address,
             "max_staleness": args.max_staleness, "local_steps": args.local_steps,
-            "trace": args.trace, "row_split": args.row_split}
+            "trace": args.trace, "row_split": args.row_split,
+            "exchange": args.exchange}
 
 
 def _scheme_of(args) -> dict:
@@ -1268,7 +1285,8 @@ def _resume_args(args) -> dict:
         if key in stored and value == stored[key]:
             continue
         flag = "--" + key.replace("_", "-")
-        keeps = f" ({stored[key]!r})" if key in stored else ""
+        keeps = "" if key not in stored else (
+            f" (without {flag})" if stored[key] is None else f" ({stored[key]!r})")
         raise InputError(flag, value, f"a resumed run keeps the configuration of "
                          f"its checkpoint{keeps}; drop it, or start a new run")
     if checked["data"]:

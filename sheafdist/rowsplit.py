@@ -28,6 +28,7 @@ to rounding (1e-12), not bit for bit.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -51,11 +52,12 @@ def parse(specs: str | dict | None, arch: list[int], arg: str = "--row-split"
     out: dict[int, int] = {}
     hidden = range(1, len(arch) - 1)
     for spec in (specs or "").split(",") if specs else []:
-        layer, sep, pieces = str(spec).partition(":")
-        if not sep or not layer.strip().isdigit() or not pieces.strip().isdigit():
+        # ASCII digits only: str.isdigit would let "²" through to int()
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec), re.ASCII)
+        if match is None:
             raise InputError(arg, repr(spec), "write LAYER:PIECES, e.g. 1:2 cuts "
                              "hidden layer 1 into 2 pieces by rows")
-        layer_i, pieces_i = int(layer), int(pieces)
+        layer_i, pieces_i = int(match[1]), int(match[2])
         if layer_i not in hidden:
             raise InputError(arg, repr(spec), f"layer {layer_i} is not hidden; "
                              f"split one of layers {hidden.start}.."

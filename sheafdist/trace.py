@@ -186,9 +186,10 @@ def summarise(records) -> dict:
             e["latency"].append(r["received"] - r["sent"])
             total["remote_messages"] += 1
             total["remote_bytes"] += r["bytes"]
-            pair = pairs[f"{r['src_block']}->{r['dst_block']}"]
-            pair["messages"] += 1
-            pair["bytes"] += r["bytes"]
+        # as the run's own count: a pair i->i holds the values kept inside actor i
+        pair = pairs[f"{r['src_block']}->{r['dst_block']}"]
+        pair["messages"] += 1
+        pair["bytes"] += r["bytes"]
     n_rounds = max(len(rounds), 1)
     out_edges = {}
     for name, e in sorted(edges.items()):

@@ -62,7 +62,10 @@ def test_async_inference_converges_to_the_forward_pass(golden_dir, engines,
     engine = engines(problem, partition=partition, mode="async",
                      max_staleness=staleness, local_steps=tau)
     result = engine.run(200_000, tol=1e-11)
-    assert result.converged
+    # converged on the change the driver stopped on: the rounds the actors take
+    # while the stop reaches them may end a hair above tol (this test failed
+    # now and then when that final change decided)
+    assert result.converged and result.final_change < 1e-11
     assert forward_error(problem, case.x, result.stalks) <= 1e-8
     assert result.rounds < 200_000
 
@@ -246,8 +249,11 @@ def test_trace_cli_summarises_and_checks_locality(golden_dir, ray_session,
     assert out["locality_violations"] == 0
     assert out["rounds"] == 50
     graph = build_graph(case.model.arch, case.model.output)
-    # per layer on [2,4,1]: the actors {a0,z1,a1} and {z2,a_out} share W2 only
-    assert set(out["actor_pairs"]) == {"0->1", "1->0"}
+    # per layer on [2,4,1]: the actors {a0,z1,a1} and {z2} share W2 only; the
+    # values along W1 and R1 stay in actor 0 (the pair 0->0)
+    assert set(out["actor_pairs"]) == {"0->0", "0->1", "1->0"}
+    assert out["actor_pairs"]["0->1"]["messages"] == 50
+    assert out["actor_pairs"]["0->0"]["messages"] == 2 * 2 * 50
     assert out["remote_messages"] == 2 * 50
     assert out["messages"] == 2 * len(graph.edges) * 50
 

@@ -9,6 +9,8 @@ For each network, in the same run on the same embedded Ray:
   engine's messages (a ``bytes`` object) and wait only for their neighbours'
   calls of that round, which is the engine's exchange with no arithmetic and no
   message checks;
+- ``engine --exchange compiled``: the engine's sync round carried by a compiled
+  graph (``RayEngine(exchange="compiled")``), against the bare compiled graph;
 - ``compiled``: the same exchange as a Ray compiled graph (``ray.dag``,
   ``experimental_compile``): each actor's ``produce`` feeds its neighbours'
   ``consume``; the driver executes the graph once per round (with several
@@ -88,10 +90,11 @@ class Node:
         return sum(len(r) for r in received)
 
 
-def engine_round(ray, problem, rounds: int) -> tuple[float, int]:
+def engine_round(ray, problem, rounds: int, exchange: str = "calls"
+                 ) -> tuple[float, int]:
     from sheafdist.engines.ray_engine import RayEngine
 
-    engine = RayEngine(problem, partition="layer")
+    engine = RayEngine(problem, partition="layer", exchange=exchange)
     try:
         engine.run(max(rounds // 10, 20))  # warm-up
         best = float("inf")
@@ -199,8 +202,10 @@ def main() -> None:
         calls = sum(len(s) for s in by_actor)
         eng, n_actors = engine_round(ray, problem, args.rounds)
         bare = bare_round(ray, by_actor, args.rounds)
-        comp = None if args.no_compiled else compiled_round(ray, by_actor,
-                                                            args.rounds)
+        comp = eng_comp = None
+        if not args.no_compiled:
+            comp = compiled_round(ray, by_actor, args.rounds)
+            eng_comp, _ = engine_round(ray, problem, args.rounds, "compiled")
         print(f"{name}: {n_actors} actors, {calls} calls and "
               f"{sum(sizes.values())} payload bytes per round")
         print(f"  engine   {eng * 1e3:7.3f} ms/round")
@@ -209,6 +214,8 @@ def main() -> None:
         if isinstance(comp, float):
             print(f"  compiled {comp * 1e3:7.3f} ms/round   compiled/bare "
                   f"{comp / bare:5.2f}x")
+            print(f"  engine --exchange compiled {eng_comp * 1e3:7.3f} ms/round   "
+                  f"/compiled {eng_comp / comp:5.2f}x   /engine {eng_comp / eng:5.2f}x")
         elif comp is not None:
             print(f"  compiled {comp}")
 

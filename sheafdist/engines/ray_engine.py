@@ -35,7 +35,9 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
+from collections import deque
 
 import msgpack
 import numpy as np
@@ -62,6 +64,12 @@ from .base import (
 log = logging.getLogger(__name__)
 
 MODES = ("sync", "async")
+# how the actors of a sync run exchange their calls: Ray calls they make to each
+# other, or one execution per round of a Ray compiled graph run by the driver
+EXCHANGES = ("calls", "compiled")
+# compiled-graph rounds submitted ahead of the one the driver reads: enough to
+# hide the driver's turn-around, few enough that a tolerance's rollback stays short
+COMPILED_IN_FLIGHT = 4
 STALL_SECONDS = 120.0  # an actor that makes no progress this long fails the run
 CALL_TIMEOUT = 60.0  # every ray.get in the driver has a timeout
 LATENCY_SAMPLES = 256  # per edge and report: enough for quantiles, bounded memory
@@ -178,6 +186,14 @@ class BlockActor:
         self.limit: float | None = None
         self._cond: asyncio.Condition | None = None
         self._breathed = time.monotonic()
+        # exchange "compiled": the graph's methods run on a thread of Ray's own,
+        # beside the event loop serving drain and state; this lock keeps them
+        # apart. The round whose values cg_send has made, and the snapshots of
+        # the rounds a tolerance may roll back to
+        self.cg_lock = threading.Lock()
+        self.cg_round, self.cg_sent = -1, {}
+        self.cg_snaps: dict[int, tuple] = {}
+        self.cg_keep = 0
 
     @property
     def cond(self) -> asyncio.Condition:
@@ -189,7 +205,8 @@ class BlockActor:
         import ray
 
         self.neighbours = {j: handles[j] for j in self.outgoing}  # answers too
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "expect": self.expect}
 
     # ------------------------------------------------------------ messages
 
@@ -202,22 +219,37 @@ class BlockActor:
             return  # sent before a recovery rolled everyone back
         self.calls["received"] += 1
         try:
-            msgs = unpack(payload, self.edge_info, self.block.batch)
-            for m in msgs:
-                if m["round"] != round_:
-                    raise MessageError(f"round: call for {round_} holds {m['round']}")
-                if m["kind"] == "edge" and (
-                    self.owner.get(m["dst"]) != self.index
-                    or self.owner.get(m["src"]) != src
-                ):
-                    raise MessageError(
-                        f"route: {m['src']}->{m['dst']} does not run from block "
-                        f"{src} to block {self.index}"
-                    )
+            msgs = self._check(src, round_, payload)
         except MessageError as exc:
             await self.abort(f"block {self.index} rejected a message from block "
                              f"{src}: {exc}")
             raise
+        self._note_received(src, msgs, received)
+        if self.mode == "sync":
+            self.inbox.setdefault((round_, phase), {})[src] = msgs
+        elif round_ > self.latest.get((src, phase), (-1, None))[0]:
+            self.latest[(src, phase)] = (round_, msgs)
+        async with self.cond:
+            self.cond.notify_all()
+
+    def _check(self, src: int, round_: int, payload: bytes) -> list[dict]:
+        """The messages of one call from block ``src``, checked (MessageError)."""
+        msgs = unpack(payload, self.edge_info, self.block.batch)
+        for m in msgs:
+            if m["round"] != round_:
+                raise MessageError(f"round: call for {round_} holds {m['round']}")
+            if m["kind"] == "edge" and (
+                self.owner.get(m["dst"]) != self.index
+                or self.owner.get(m["src"]) != src
+            ):
+                raise MessageError(
+                    f"route: {m['src']}->{m['dst']} does not run from block "
+                    f"{src} to block {self.index}"
+                )
+        return msgs
+
+    def _note_received(self, src: int, msgs: list[dict], received: float) -> None:
+        """Latency samples and trace records of messages received at ``received``."""
         for m in msgs:
             if m["kind"] != "edge" or m["sent"] is None:
                 continue
@@ -228,12 +260,6 @@ class BlockActor:
                 self.trace.append([m["round"], m["edge"], m["src"], m["dst"],
                                    m["nbytes"], m["sent"], received, "remote", src,
                                    self.index])
-        if self.mode == "sync":
-            self.inbox.setdefault((round_, phase), {})[src] = msgs
-        elif round_ > self.latest.get((src, phase), (-1, None))[0]:
-            self.latest[(src, phase)] = (round_, msgs)
-        async with self.cond:
-            self.cond.notify_all()
 
     async def abort(self, reason: str) -> None:
         self.error = self.error or reason
@@ -258,11 +284,15 @@ class BlockActor:
             if reduce is not None and (phase == 1 or j in self.quiet):
                 msgs.append(encode_reduce(self.index, round_, reduce))
             await self._call(j, round_, pack(msgs), phase)
-            for (edge, v, _), m in zip(items, msgs, strict=False):
-                e = self.graph.edges[edge]
-                key = (e.whole, direction(e, v), "remote")
-                add_traffic(self.traffic, key, 1, m["data"].nbytes)
-                add_traffic(self.pairs, (self.index, j), 1, m["data"].nbytes)
+            self._count_sent(j, items, msgs)
+
+    def _count_sent(self, j: int, items: list[tuple[str, str, str]],
+                    msgs: list[dict]) -> None:
+        for (edge, v, _), m in zip(items, msgs, strict=False):
+            e = self.graph.edges[edge]
+            key = (e.whole, direction(e, v), "remote")
+            add_traffic(self.traffic, key, 1, m["data"].nbytes)
+            add_traffic(self.pairs, (self.index, j), 1, m["data"].nbytes)
 
     async def _call(self, j: int, round_: int, payload: bytes, phase: int = 1
                     ) -> None:
@@ -522,15 +552,83 @@ class BlockActor:
 
     # ------------------------------------------------------------ driver calls
 
+    # ------------------------------------------------- exchange "compiled"
+    # The driver runs one Ray compiled graph execution per sync round: block
+    # i's cg_send(j) makes its call to block j and feeds j's cg_step, which
+    # checks the messages exactly as deliver does and steps the block. The
+    # values travel in Ray's shared-memory channels instead of one Ray call
+    # each; the messages, their checks and the arithmetic are the same.
+
+    def cg_send(self, j: int, t: int) -> bytes:
+        """The call of round ``t`` to block ``j``."""
+        with self.cg_lock:
+            self._cg_values(t)
+            now = time.time()
+            items = self.outgoing[j]
+            msgs = [encode_edge(edge, v, other, t, self.cg_sent[(edge, v)], now)
+                    for edge, v, other in items]
+            self._count_sent(j, items, msgs)
+            self.calls["sent"] += 1
+            return pack(msgs)
+
+    def _cg_values(self, t: int) -> None:
+        """The block's edge values of round ``t``, made once: by the first call
+        served, or by the step of a block that sends none."""
+        if self.cg_round != t:
+            self.cg_round, self.cg_sent = t, self.block.send()
+            self._count_local(t, self.cg_sent)
+
+    def cg_step(self, t: int, *payloads: bytes) -> tuple[float, float]:
+        """Round ``t`` on the calls of the blocks in ``self.expect``, in order;
+        returns the round's largest change and energy."""
+        received_at = time.time()
+        with self.cg_lock:
+            self._cg_values(t)
+            values = {}
+            for src, payload in zip(self.expect, payloads, strict=True):
+                try:
+                    msgs = self._check(src, t, payload)
+                except MessageError as exc:
+                    raise RunError(f"block {self.index} rejected a message from "
+                                   f"block {src}: {exc}") from None
+                self.calls["received"] += 1
+                self._note_received(src, msgs, received_at)
+                values.update({(m["edge"], m["src"]): m["value"] for m in msgs})
+            stats = self._step(t, values)
+            if self.cg_keep:
+                self.cg_snaps[t] = self._snapshot(stats)
+                self.cg_snaps.pop(t - self.cg_keep, None)
+            return stats.max_change, stats.energy
+
+    async def cg_begin(self, keep: int) -> None:
+        """Before a run: keep snapshots of the last ``keep`` rounds (a
+        tolerance may stop at a round the graph has already passed)."""
+        with self.cg_lock:
+            self.cg_keep, self.cg_snaps = keep, {}
+            self.cg_round, self.error = -1, None
+            if keep:
+                self.cg_snaps[self.round] = self._snapshot(self.stats)
+
+    async def cg_end(self, round_: int) -> dict:
+        """After a run: back to round ``round_`` when the graph went past it;
+        the block's round and statistics."""
+        with self.cg_lock:
+            if self.round != round_:
+                self._restore(self.cg_snaps[round_])
+                self.round = round_
+            self.cg_snaps = {}
+            return {"index": self.index, "round": self.round, "stats": self.stats}
+
     async def drain(self) -> dict:
-        out = {"round": self.round, "stats": self.stats, "traffic": self.traffic,
-               "latency": self.latency, "trace": self.trace, "saved": self.saved,
-               "calls": self.calls, "staleness": self.staleness,
-               "pairs": self.pairs}
-        self.traffic, self.latency, self.trace, self.saved = {}, {}, [], []
-        self.pairs = {}
-        self.calls = dict.fromkeys(self.calls, 0)
-        self.staleness = {}
+        with self.cg_lock:  # taken at once unless a compiled round is stepping
+            out = {"round": self.round, "stats": self.stats,
+                   "traffic": self.traffic, "latency": self.latency,
+                   "trace": self.trace, "saved": self.saved, "calls": self.calls,
+                   "staleness": self.staleness, "pairs": self.pairs}
+            self.traffic, self.latency, self.trace, self.saved = {}, {}, [], []
+            self.pairs = {}
+            self.calls = dict.fromkeys(self.calls, 0)
+            self.staleness = {}
         return out
 
     def _state(self) -> dict:
@@ -563,6 +661,28 @@ class BlockActor:
         self.round = round_
         self.inbox.clear()
         self.latest.clear()
+
+
+def check_exchange(exchange: str, mode: str, local_steps: int, row_split,
+                   trace) -> None:
+    """The compiled graph carries the plain sync round: one local step, no row
+    split (its second exchange), no trace records of its own."""
+    if exchange not in EXCHANGES:
+        raise InputError("--exchange", repr(exchange),
+                         f"use one of {', '.join(EXCHANGES)}")
+    if exchange != "compiled":
+        return
+    clash = [(flag, value) for flag, value, ok in (
+        ("--mode", mode, mode == "sync"),
+        ("--local-steps", local_steps, local_steps == 1),
+        ("--row-split", row_split, not row_split),
+        ("--trace", trace, trace is None)) if not ok]
+    if clash:
+        flag, value = clash[0]
+        raise InputError("--exchange", f"compiled with {flag} {value}",
+                         "the compiled graph runs sync rounds with one local step, "
+                         "without --row-split or --trace; drop "
+                         f"{flag} or use --exchange calls")
 
 
 def check_address(address: str, arg: str = "--address") -> None:
@@ -678,12 +798,14 @@ class RayEngine:
         max_recoveries: int = MAX_RECOVERIES,
         max_pending_calls: int = MAX_PENDING_CALLS,
         row_split: str | dict[int, int] | None = None,
+        exchange: str = "calls",
     ):
         import ray
         from ray.util.placement_group import placement_group
 
         if mode not in MODES:
             raise InputError("--mode", repr(mode), f"use one of {', '.join(MODES)}")
+        check_exchange(exchange, mode, local_steps, row_split, trace)
         if not isinstance(max_staleness, int) or max_staleness < 0:
             raise InputError("--max-staleness", max_staleness, "give an integer >= 0")
         if not isinstance(local_steps, int) or local_steps < 1:
@@ -692,6 +814,9 @@ class RayEngine:
             raise InputError("--max-pending-calls", max_pending_calls,
                              "give an integer >= 1")
         self.problem, self.observer, self.mode = problem, observer, mode
+        self.exchange = exchange
+        self._stopped_at: float | None = None  # see _run_once
+        self._dag = None  # the compiled graph of a round (exchange "compiled")
         self.local_steps, self.max_recoveries = local_steps, max_recoveries
         # the sheaf the actors hold: the problem's, or its refinement when a row
         # split spreads a layer over several actors
@@ -858,8 +983,13 @@ class RayEngine:
             # async actors end at slightly different rounds: label them alike
             final = max(r["round"] for r in results)
             self._get([self._submit(a, "set_round", final) for a in self.actors])
-            converged = tol is not None and stats.max_change < tol
-            final_change, energy = stats.max_change, stats.energy
+            # the rule stopped the run on the changes it saw; the rounds the
+            # actors took while the stop reached them may end a hair above tol
+            stopped = self._stopped_at
+            converged = stopped is not None or (tol is not None
+                                                and stats.max_change < tol)
+            final_change = stats.max_change if stopped is None else stopped
+            energy = stats.energy
         else:
             final = results[0]["round"]
             converged = bool(results[0]["converged"])
@@ -881,8 +1011,11 @@ class RayEngine:
     def _run_once(self, end: int, tol: float | None, first_check: int) -> list[dict]:
         import ray
 
+        if self.exchange == "compiled":
+            return self._run_compiled(end, tol, first_check)
         refs = [self._submit(a, "run", end, tol, first_check) for a in self.actors]
         free = self._free_running()
+        self._stopped_at = None  # the change the tolerance stopped on, if it did
         poll = ASYNC_POLL_SECONDS if (free and tol is not None) else REPORT_SECONDS
         pending, last_round, last_progress = list(refs), -1, time.monotonic()
         next_report, stopped = 0.0, False
@@ -900,7 +1033,7 @@ class RayEngine:
             if (free and tol is not None and not stopped and reached >= first_check
                     and change < tol):
                 self._get([self._submit(a, "stop") for a in self.actors])
-                stopped = True
+                stopped, self._stopped_at = True, change
             if reached > last_round:
                 last_round, last_progress = reached, now
             elif pending and now - last_progress > STALL_SECONDS:
@@ -927,12 +1060,106 @@ class RayEngine:
             raise RunError(first["error"])
         return results
 
+    # ------------------------------------------------- exchange "compiled"
+
+    def _graph(self):
+        """The compiled graph of one sync round, built on first use and kept
+        across runs: block i's call to block j feeds j's step."""
+        if self._dag is None:
+            from ray.dag import InputNode, MultiOutputNode
+
+            expect = [p["expect"] for p in self.placement]
+            with InputNode() as t:
+                calls = {(i, j): self.actors[i].cg_send.bind(j, t)
+                         for j, sources in enumerate(expect) for i in sources}
+                steps = [a.cg_step.bind(t, *[calls[(i, j)] for i in expect[j]])
+                         for j, a in enumerate(self.actors)]
+                self._dag = MultiOutputNode(steps).experimental_compile(
+                    _submit_timeout=CALL_TIMEOUT,
+                    _max_inflight_executions=COMPILED_IN_FLIGHT)
+            log.debug("ray engine: compiled the graph of a round, %d calls",
+                      len(calls))
+        return self._dag
+
+    def _drop_graph(self) -> None:
+        if self._dag is not None:
+            dag, self._dag = self._dag, None
+            # Ray logs a traceback when an actor of the graph is already gone;
+            # that loss is reported (and recovered from) by the engine
+            ray_log = logging.getLogger("ray.dag.compiled_dag_node")
+            level = ray_log.level
+            ray_log.setLevel(logging.CRITICAL)
+            try:
+                dag.teardown()
+            except Exception as exc:  # an actor lost with it: nothing to free
+                log.debug("ray engine: tearing down the graph: %s", one_line(exc))
+            finally:
+                ray_log.setLevel(level)
+
+    def _run_compiled(self, end: int, tol: float | None, first_check: int
+                      ) -> list[dict]:
+        """Sync rounds as executions of the compiled graph, a few in flight.
+        The driver reads each round's largest change in order, so it stops on
+        the tolerance at the same round as the actors' own loop; the blocks
+        then roll back over the rounds already in flight."""
+        keep = COMPILED_IN_FLIGHT + 1 if tol is not None else 0
+        self._get([self._submit(a, "cg_begin", keep) for a in self.actors])
+        t, stop = self.rounds, (self.rounds, False, float("inf"), float("nan"))
+        queued: deque = deque()
+        next_report = time.monotonic() + REPORT_SECONDS
+        try:
+            dag = self._graph()
+            while t < end or queued:
+                while t < end and len(queued) < COMPILED_IN_FLIGHT:
+                    t += 1
+                    queued.append((t, dag.execute(t)))
+                s, ref = queued.popleft()
+                parts = self._compiled_get(ref, s)
+                change = max(c for c, _ in parts)
+                energy = sum(e for _, e in parts)
+                stop = (s, False, change, energy)
+                if tol is not None and s >= first_check and change < tol:
+                    stop = (s, True, change, energy)
+                    for r, later in queued:  # in flight: finish, then roll back
+                        self._compiled_get(later, r)
+                    break
+                if time.monotonic() >= next_report:
+                    self._report()
+                    next_report = time.monotonic() + REPORT_SECONDS
+        except BaseException:
+            self._drop_graph()  # a failed execution leaves the graph unusable
+            raise
+        s, converged, change, energy = stop
+        ends = self._get([self._submit(a, "cg_end", s) for a in self.actors])
+        self._report()
+        return [{**e, "converged": converged, "final_change": change,
+                 "energy": energy} for e in ends]
+
+    def _compiled_get(self, ref, round_: int) -> list[tuple[float, float]]:
+        import ray
+
+        try:
+            return ray.get(ref, timeout=CALL_TIMEOUT)
+        except (ray.exceptions.RayChannelTimeoutError,
+                ray.exceptions.GetTimeoutError):
+            raise RunError(f"ray: round {round_} of the compiled graph did not end "
+                           f"within {CALL_TIMEOUT:.0f}s") from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, DivergenceError):
+                raise divergence_error(self.problem, round_, cause.args[1]) \
+                    from None
+            raise RunError(one_line(cause if cause is not None else exc)) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.RayChannelError) as exc:
+            raise ActorLost(f"ray: an actor died ({exc.__class__.__name__})") \
+                from None
+
     def _recover(self, cause: Exception) -> None:
         """Replace dead actors and roll every block back to the checkpoint."""
         r, states = self.checkpoint
         self.generation += 1
         self.recoveries += 1
-        log.warning("ray: %s; recovering from the checkpoint of round %d", cause, r)
+        log.warning("%s; recovering from the checkpoint of round %d", cause, r)
         lost = self._replace_lost("recovering from a lost actor")
         if self.observer is not None:  # the gauge of actors alive shows the loss
             self.observer(self._reported,
@@ -1011,6 +1238,7 @@ class RayEngine:
     def close(self) -> None:
         import ray
 
+        self._drop_graph()
         for a in self.actors:
             ray.kill(a)
         self.actors = []

@@ -45,3 +45,21 @@ def ray_session():
     yield ray
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture
+def engines(ray_session):
+    """``engines(problem, **options)`` makes a Ray engine on the session's Ray;
+    every engine made is closed when the test ends."""
+    from sheafdist.engines.ray_engine import RayEngine
+
+    made: list[RayEngine] = []
+
+    def make(problem, **options) -> RayEngine:
+        engine = RayEngine(problem, **options)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()

@@ -17,24 +17,10 @@ from golden_cases import load_case, make_problem
 
 from sheafdist.cli import main
 from sheafdist.engines.local import LocalEngine
-from sheafdist.engines.ray_engine import DRIVER_CALLS, RayEngine
+from sheafdist.engines.ray_engine import DRIVER_CALLS
 from sheafdist.model import forward, loss, save_model
 from sheafdist.sheaf import build_graph
 from sheafdist.trace import locality_violations, read_trace, summarise
-
-
-@pytest.fixture
-def engines(ray_session):
-    made: list[RayEngine] = []
-
-    def make(problem, **options) -> RayEngine:
-        engine = RayEngine(problem, **options)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.close()
 
 
 def forward_error(problem, x, stalks) -> float:

@@ -24,17 +24,10 @@ ENGINE_ATOL = 1e-12
 
 
 @pytest.fixture
-def engines(ray_session):
-    made: list[RayEngine] = []
-
-    def make(problem, **options) -> RayEngine:
-        engine = RayEngine(problem, exchange="compiled", **options)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.close()
+def compiled(engines):
+    """Ray engines on the compiled exchange, closed when the test ends."""
+    return lambda problem, **options: engines(problem, exchange="compiled",
+                                              **options)
 
 
 def assert_same(mine: dict, ref: dict, what: str) -> None:
@@ -52,10 +45,10 @@ def assert_same(mine: dict, ref: dict, what: str) -> None:
         ("inference_241", "single", 1e-5, 5),  # one actor: a graph without calls
     ],
 )
-def test_runs_to_tol_stop_where_the_local_engine_stops(golden_dir, engines, name,
+def test_runs_to_tol_stop_where_the_local_engine_stops(golden_dir, compiled, name,
                                                        partition, tol, min_rounds):
     case = load_case(golden_dir, name)
-    engine = engines(make_problem(case), partition=partition)
+    engine = compiled(make_problem(case), partition=partition)
     result = engine.run(100_000, tol=tol, min_rounds=min_rounds)
     ref = LocalEngine(make_problem(case)).run(100_000, tol=tol,
                                               min_rounds=min_rounds)
@@ -66,11 +59,11 @@ def test_runs_to_tol_stop_where_the_local_engine_stops(golden_dir, engines, name
     assert_same(engine.stalks(), ref.stalks, "the actors' own stalks, rolled back")
 
 
-def test_fixed_rounds_then_tol_then_fixed_again(golden_dir, engines):
+def test_fixed_rounds_then_tol_then_fixed_again(golden_dir, compiled):
     """The graph is kept across runs: 1000 golden rounds, a tolerance run that
     runs out, one that converges, and fixed rounds from the rolled-back state."""
     case = load_case(golden_dir, "inference_26441")
-    engine = engines(make_problem(case), partition="layer")
+    engine = compiled(make_problem(case), partition="layer")
     local = LocalEngine(make_problem(case))
     result, ref = engine.run(1000), local.run(1000)
     assert result.rounds == 1000 and not result.converged
@@ -91,11 +84,10 @@ def test_fixed_rounds_then_tol_then_fixed_again(golden_dir, engines):
     assert engine.rounds == converged_at + 7
 
 
-def test_training_equals_the_calls_and_the_local_engine(golden_dir, engines,
-                                                        ray_session):
+def test_training_equals_the_local_engine(golden_dir, compiled):
     case = load_case(golden_dir, "train_paraboloid_short")
     ref = LocalEngine(make_problem(case)).run(10)
-    engine = engines(make_problem(case), partition="vertex")
+    engine = compiled(make_problem(case), partition="vertex")
     first, second = engine.run(4), engine.run(6)
     assert first.rounds + second.rounds == 10
     assert_same(second.stalks, ref.stalks, "training, 4 + 6 rounds")
@@ -104,8 +96,7 @@ def test_training_equals_the_calls_and_the_local_engine(golden_dir, engines,
     assert np.max(np.abs(second.model.W[1] - case.model.W[1])) > 1e-6  # it moved
 
 
-def test_traffic_and_pairs_equal_those_of_the_calls(golden_dir, engines,
-                                                    ray_session):
+def test_traffic_and_pairs_equal_those_of_the_calls(golden_dir, compiled, engines):
     case = load_case(golden_dir, "inference_26441")
     seen: dict[str, dict] = {"calls": {}, "compiled": {}}
 
@@ -116,22 +107,19 @@ def test_traffic_and_pairs_equal_those_of_the_calls(golden_dir, engines,
                 got[0], got[1] = got[0] + n, got[1] + b
         return observe
 
-    compiled = engines(make_problem(case), partition="vertex",
-                       observer=observer_for("compiled"))
-    calls = RayEngine(make_problem(case), partition="vertex",
-                      observer=observer_for("calls"))
-    try:
-        assert_same(compiled.run(60).stalks, calls.run(60).stalks, "60 rounds")
-        assert compiled.pairs == calls.pairs
-        assert seen["compiled"] == seen["calls"] != {}
-        # 8 actors in a chain: one message each way per round along each link
-        assert {p: n for p, (n, _) in compiled.pairs.items()} == {
-            p: 60 for i in range(7) for p in ((i, i + 1), (i + 1, i))}
-    finally:
-        calls.close()
+    graph = compiled(make_problem(case), partition="vertex",
+                     observer=observer_for("compiled"))
+    calls = engines(make_problem(case), partition="vertex",
+                    observer=observer_for("calls"))
+    assert_same(graph.run(60).stalks, calls.run(60).stalks, "60 rounds")
+    assert graph.pairs == calls.pairs
+    assert seen["compiled"] == seen["calls"] != {}
+    # 8 actors in a chain: one message each way per round along each link
+    assert {p: n for p, (n, _) in graph.pairs.items()} == {
+        p: 60 for i in range(7) for p in ((i, i + 1), (i + 1, i))}
 
 
-def test_divergence_reads_as_the_local_engines(golden_dir, engines):
+def test_divergence_reads_as_the_local_engines(golden_dir, compiled):
     case = load_case(golden_dir, "inference_26441")
 
     def unstable():  # dt far above the stable bound 2/lambda_max = 0.184
@@ -140,19 +128,19 @@ def test_divergence_reads_as_the_local_engines(golden_dir, engines):
 
     with pytest.raises(DivergenceError) as local:
         LocalEngine(unstable()).run(100)
-    engine = engines(unstable(), partition="single")
+    engine = compiled(unstable(), partition="single")
     with pytest.raises(DivergenceError) as remote:
         engine.run(100)
     assert str(remote.value) == str(local.value)
 
 
 def test_a_killed_actor_is_recovered_to_the_uninterrupted_result(golden_dir,
-                                                                 engines):
+                                                                 compiled):
     import ray
 
     case = load_case(golden_dir, "inference_26441")
     ref = LocalEngine(make_problem(case)).run(3000)
-    engine = engines(make_problem(case), partition="layer", checkpoint_every=200)
+    engine = compiled(make_problem(case), partition="layer", checkpoint_every=200)
     engine.run(5)
     victim = engine.actors[1]
 

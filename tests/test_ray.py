@@ -35,21 +35,6 @@ FIXED_CASES = (
 )
 
 
-@pytest.fixture
-def engines(ray_session):
-    """Make Ray engines; every one is closed when the test ends."""
-    made: list[RayEngine] = []
-
-    def make(problem, **options) -> RayEngine:
-        engine = RayEngine(problem, **options)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.close()
-
-
 @pytest.fixture(scope="module")
 def shared(ray_session, golden_dir):
     """``shared(name, partition)``: this module's engine for an inference case,

@@ -17,7 +17,6 @@ from golden_cases import INFERENCE_CASES, TRAINING_CASES, load_case, make_proble
 
 from sheafdist.cli import main
 from sheafdist.engines.local import LocalEngine
-from sheafdist.engines.ray_engine import RayEngine
 from sheafdist.errors import InputError
 from sheafdist.model import forward, save_model
 from sheafdist.partition import partition
@@ -191,20 +190,6 @@ def test_statistics_of_a_split_edge_add_up_to_the_whole_edges(golden_dir):
 
 
 # ---------------------------------------------------------------- on Ray
-
-
-@pytest.fixture
-def engines(ray_session):
-    made: list[RayEngine] = []
-
-    def make(problem, **options) -> RayEngine:
-        engine = RayEngine(problem, **options)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.close()
 
 
 def test_ray_sync_with_split_layers_gives_the_local_engines_run(golden_dir,

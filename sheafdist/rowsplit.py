@@ -54,8 +54,9 @@ def parse(specs: str | dict | None, arch: list[int], arg: str = "--row-split"
     for spec in (specs or "").split(",") if specs else []:
         # ASCII digits only: str.isdigit would let "²" through to int()
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec), re.ASCII)
-        if match is None:
-            raise InputError(arg, repr(spec), "write LAYER:PIECES, e.g. 1:2 cuts "
+        if match is None:  # an empty piece (a stray comma) shows the whole value
+            got = repr(spec) if str(spec).strip() else repr(specs)
+            raise InputError(arg, got, "write LAYER:PIECES, e.g. 1:2 cuts "
                              "hidden layer 1 into 2 pieces by rows")
         layer_i, pieces_i = int(match[1]), int(match[2])
         if layer_i not in hidden:

@@ -597,15 +597,10 @@ def _check_partition(graph, args) -> None:
     """The partition (of the pieces, under a row split) and the row split,
     checked before anything runs: InputErrors naming the option."""
     from .partition import partition
-    from .rowsplit import SPLIT_SCHEMES, parse, refine
+    from .rowsplit import check_scheme, parse, refine
 
     splits = parse(args.row_split, graph.arch)
-    scheme = getattr(args, "scheme", "euler")  # diagnose, reproduce: Euler
-    if splits and scheme not in SPLIT_SCHEMES:
-        raise InputError("--row-split", f"{args.row_split} with --scheme "
-                         f"{scheme}", f"a row split runs --scheme "
-                         f"{' or '.join(SPLIT_SCHEMES)} (the others use whole "
-                         "vertices' own blocks); change --scheme or drop --row-split")
+    check_scheme(splits, getattr(args, "scheme", "euler"))  # diagnose: Euler
     partition(refine(graph, splits) if splits else graph, args.partition)
 
 

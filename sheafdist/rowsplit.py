@@ -232,14 +232,19 @@ def split_pins(graph: SheafGraph, pins: list, batch: int) -> list:
     return out
 
 
+def check_scheme(splits: dict[int, int], scheme: str) -> None:
+    """Refuse a scheme whose step depends on how its vertex is cut."""
+    if splits and scheme not in SPLIT_SCHEMES:
+        raise InputError("--row-split", f"{_spec(splits)} with --scheme {scheme}",
+                         f"a row split runs --scheme {' or '.join(SPLIT_SCHEMES)} "
+                         "(the others use whole vertices' own blocks); change "
+                         "--scheme or drop --row-split")
+
+
 def split_problem(problem, splits: dict[int, int]):
     """The same run on the refined sheaf: piece stalks, split pins, and maps cut
     by :meth:`~sheafdist.problem.Problem.maps_of` from the edges' blocks."""
-    if problem.config.scheme not in SPLIT_SCHEMES:
-        raise InputError("--row-split", f"{_spec(splits)} with --scheme "
-                         f"{problem.config.scheme}", "a row split runs --scheme "
-                         f"{' or '.join(SPLIT_SCHEMES)} (the others use whole "
-                         "vertices' own blocks); change --scheme or drop --row-split")
+    check_scheme(splits, problem.config.scheme)
     graph = refine(problem.graph, splits)
     batch = problem.batch
     return replace(
@@ -250,4 +255,4 @@ def split_problem(problem, splits: dict[int, int]):
 
 
 def _spec(splits: dict[int, int]) -> str:
-    return " ".join(f"{layer}:{m}" for layer, m in sorted(splits.items()))
+    return ",".join(f"{layer}:{m}" for layer, m in sorted(splits.items()))

@@ -36,10 +36,6 @@ class Vertex:
     base: str = ""  # the whole vertex's name; "" means the vertex is whole
     rows: tuple[int, int] | None = None
 
-    @property
-    def whole(self) -> str:
-        return self.base or self.name
-
 
 @dataclass(frozen=True)
 class Edge:
@@ -99,11 +95,6 @@ class SheafGraph:
     def members(self, group: str) -> list[Edge]:
         """The edges that share the discrepancy ``group``, in order."""
         return [e for e in self.edges.values() if e.shared == group]
-
-    @property
-    def split(self) -> bool:
-        """Whether a row split cut some vertex into pieces."""
-        return any(v.base for v in self.vertices.values())
 
     def neighbours(self, vertex: str) -> list[str]:
         return [e.head if e.tail == vertex else e.tail for e in self.incident(vertex)]

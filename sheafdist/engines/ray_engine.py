@@ -524,8 +524,6 @@ class BlockActor:
                     fresh, _ = await self._receive_sync(t)
                     if self.stop_requested and not fresh:
                         break
-                    staleness = {self.graph.edges[edge].whole: 0
-                                 for edge, _ in fresh}
                 else:
                     got = await self._receive_async(t)
                     if got is None:
@@ -536,9 +534,9 @@ class BlockActor:
                     if got is None:
                         break
                     fresh = got[0]
-                    if self.mode == "sync":
-                        staleness = {self.graph.edges[edge].whole: 0
-                                     for edge, _ in fresh}
+                if self.mode == "sync":
+                    staleness = {self.graph.edges[edge].whole: 0
+                                 for edge, _ in fresh}
                 received = fresh
                 exchanged_at = t
             stats = self._step(t, received)
@@ -549,8 +547,6 @@ class BlockActor:
             await self._breathe()
         return {"index": self.index, "round": self.round, "converged": False,
                 "stats": self.stats}
-
-    # ------------------------------------------------------------ driver calls
 
     # ------------------------------------------------- exchange "compiled"
     # The driver runs one Ray compiled graph execution per sync round: block
@@ -618,6 +614,8 @@ class BlockActor:
                 self.round = round_
             self.cg_snaps = {}
             return {"index": self.index, "round": self.round, "stats": self.stats}
+
+    # ------------------------------------------------------------ driver calls
 
     async def drain(self) -> dict:
         with self.cg_lock:  # taken at once unless a compiled round is stepping
